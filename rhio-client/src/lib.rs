@@ -1,0 +1,98 @@
+//! `rhio-client`: talk to a rhio node through its cluster's NATS server.
+//!
+//! This first cut asks a node for its status and makes node keys; import, publish, subscribe,
+//! dataset listing and verification follow the node features they drive.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), rhio_client::ClientError> {
+//! let client = rhio_client::Client::connect("nats://127.0.0.1:4222").await?;
+//! let status = client.status().await?;
+//! println!("{} peers connected", status["peers"]["connected"]);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Subject of the node's status service.
+pub const STATUS_SUBJECT: &str = "rhio.status";
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("no rhio node answers on {subject} (is the node running and connected to this NATS?)")]
+    NoNode { subject: String },
+    #[error("request on {subject} failed: {reason}")]
+    Request { subject: String, reason: String },
+    #[error("answer on {subject} is not valid JSON: {reason}")]
+    BadAnswer { subject: String, reason: String },
+}
+
+/// A connection to the NATS server of a rhio node's cluster.
+pub struct Client {
+    nats: async_nats::Client,
+    timeout: Duration,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("rhio-client")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|err| ClientError::Connect {
+                url: url.to_string(),
+                reason: err.to_string(),
+            })?;
+        Ok(Self {
+            nats,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The node's status document (the same JSON as `GET /health`).
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.request_json(STATUS_SUBJECT, Vec::new()).await
+    }
+
+    async fn request_json(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let request = self.nats.request(subject.to_string(), body.into());
+        let message = match tokio::time::timeout(self.timeout, request).await {
+            Err(_) => {
+                return Err(ClientError::Request {
+                    subject: subject.into(),
+                    reason: format!("no answer within {:?}", self.timeout),
+                });
+            }
+            Ok(Err(err)) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(ClientError::NoNode {
+                    subject: subject.into(),
+                });
+            }
+            Ok(Err(err)) => {
+                return Err(ClientError::Request {
+                    subject: subject.into(),
+                    reason: err.to_string(),
+                });
+            }
+            Ok(Ok(message)) => message,
+        };
+        serde_json::from_slice(&message.payload).map_err(|err| ClientError::BadAnswer {
+            subject: subject.into(),
+            reason: err.to_string(),
+        })
+    }
+}
+
+/// A new node key: `(private key hex, public key hex)`.
+pub fn generate_key() -> (String, String) {
+    let key = rhio_core::identity::PrivateKey::generate();
+    (key.to_hex(), key.public_key().to_hex())
+}

@@ -1,0 +1,593 @@
+//! Node configuration: defaults < config file < `RHIO_*` environment < command line.
+//!
+//! Every key has a default (see `config.example.toml`, which documents each one). Unknown keys
+//! are errors, so a typo fails at start with the key's name instead of being silently ignored.
+//! Environment variables map onto keys with `__` between levels: `RHIO_NATS__ENDPOINT` sets
+//! `nats.endpoint`. `RHIO_PRIVATE_KEY` (the node key in hex) and `RHIO_CONFIG` (the config file)
+//! are read separately and are not config keys.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::{Figment, Provider};
+use rhio_core::identity::PublicKey;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Environment variables with the `RHIO_` prefix that are not config keys.
+pub const NON_CONFIG_ENV: &[&str] = &["private_key", "config"];
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub nats: NatsConfig,
+    pub s3: S3Config,
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Directory for the node's own state.
+    pub data_dir: PathBuf,
+    /// Private key file; relative paths are resolved against `data_dir`.
+    pub private_key_path: PathBuf,
+    /// Log filter (`RUST_LOG` syntax); `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// How long a shutdown may take before the process exits anyway.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP server with `/health` and `/metrics`.
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated.
+    pub endpoint: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// NKey seed (`SU...`).
+    pub nkey_seed: Option<String>,
+    /// `.creds` file with a user JWT and NKey seed.
+    pub credentials_file: Option<PathBuf>,
+    /// Connection name shown in the NATS server's monitoring.
+    pub client_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Path-style URLs (`http://host/bucket/key`), needed by MinIO and most local servers.
+    pub path_style: bool,
+    /// Credentials; when unset, `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` are used.
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    /// Create the bucket at start when it does not exist.
+    pub create_bucket: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Name of the rhio network; nodes with different names cannot talk.
+    pub network_id: String,
+    /// IPv4 address the QUIC endpoint binds to.
+    pub bind_ip: IpAddr,
+    /// UDP port of the QUIC endpoint (0 picks a free one).
+    pub bind_port: u16,
+    /// Other rhio nodes to connect to.
+    pub known_nodes: Vec<KnownNode>,
+    /// How often a reachable known node is checked.
+    pub probe_interval_secs: u64,
+    /// Upper bound of the retry backoff for an unreachable known node.
+    pub max_retry_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownNode {
+    pub public_key: PublicKey,
+    /// Direct UDP addresses (`ip:port`).
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("rhio-data"),
+            private_key_path: PathBuf::from("private.key"),
+            log_level: "info".into(),
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            credentials_file: None,
+            client_name: "rhio".into(),
+        }
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: "us-east-1".into(),
+            bucket: "rhio".into(),
+            path_style: true,
+            access_key: None,
+            secret_key: None,
+            create_bucket: false,
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            network_id: "rhio".into(),
+            bind_ip: IpAddr::from([0, 0, 0, 0]),
+            bind_port: 9102,
+            known_nodes: Vec::new(),
+            probe_interval_secs: 5,
+            max_retry_interval_secs: 30,
+        }
+    }
+}
+
+/// How NATS authenticates this node, derived from the `nats` keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    UserPassword { user: String, password: String },
+    Token(String),
+    NkeySeed(String),
+    CredentialsFile(PathBuf),
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(
+        "invalid --set {assignment:?}: expected KEY=VALUE, for example --set nats.endpoint=nats://10.0.0.1:4222"
+    )]
+    BadAssignment { assignment: String },
+    #[error("invalid value for key `{key}`: {reason}")]
+    BadValue { key: &'static str, reason: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        // Figment reports one line per problem, each naming the key and where it came from.
+        let lines: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+        ConfigError::Invalid(lines.join("; "))
+    }
+}
+
+/// Where the configuration comes from, lowest precedence first.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigSources {
+    /// A TOML file; `None` uses defaults and the environment only.
+    pub file: Option<PathBuf>,
+    /// Environment variables (name, value); normally `std::env::vars()`.
+    pub env: Vec<(String, String)>,
+    /// `KEY=VALUE` assignments from the command line, applied last.
+    pub overrides: Vec<String>,
+}
+
+impl Config {
+    /// Loads and validates the configuration from its sources.
+    pub fn load(sources: &ConfigSources) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &sources.file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile { path: path.clone() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // The environment is handed in explicitly (instead of figment reading the process
+        // environment) so that loading is deterministic and testable.
+        for (key, raw) in env_assignments(&sources.env) {
+            figment = figment.merge(Serialized::default(&key, parse_value(&raw)));
+        }
+        for assignment in &sources.overrides {
+            let (key, raw) = assignment
+                .split_once('=')
+                .filter(|(key, _)| !key.trim().is_empty() && !key.split('.').any(str::is_empty))
+                .ok_or_else(|| ConfigError::BadAssignment {
+                    assignment: assignment.clone(),
+                })?;
+            figment = figment.merge(Serialized::default(key.trim(), parse_value(raw)));
+        }
+        // Lossy: "9102" from the environment fills a number, "true" a flag.
+        let config: Config = figment.extract_lossy()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.nats_auth()?;
+        if self.nats.endpoint.trim().is_empty() {
+            return Err(ConfigError::BadValue {
+                key: "nats.endpoint",
+                reason: "must not be empty".into(),
+            });
+        }
+        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://")) {
+            return Err(ConfigError::BadValue {
+                key: "s3.endpoint",
+                reason: format!("{:?} is not an http:// or https:// URL", self.s3.endpoint),
+            });
+        }
+        validate_bucket_name(&self.s3.bucket)?;
+        if self.s3.access_key.is_some() != self.s3.secret_key.is_some() {
+            return Err(ConfigError::BadValue {
+                key: "s3.secret_key",
+                reason: "s3.access_key and s3.secret_key must be set together".into(),
+            });
+        }
+        if self.network.probe_interval_secs == 0 {
+            return Err(ConfigError::BadValue {
+                key: "network.probe_interval_secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        for node in &self.network.known_nodes {
+            if node.addresses.is_empty() {
+                return Err(ConfigError::BadValue {
+                    key: "network.known_nodes",
+                    reason: format!("node {} has no addresses", node.public_key),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The NATS authentication method; at most one may be configured.
+    pub fn nats_auth(&self) -> Result<NatsAuth, ConfigError> {
+        let nats = &self.nats;
+        let mut methods = Vec::new();
+        if nats.user.is_some() || nats.password.is_some() {
+            match (&nats.user, &nats.password) {
+                (Some(user), Some(password)) => methods.push(NatsAuth::UserPassword {
+                    user: user.clone(),
+                    password: password.clone(),
+                }),
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        key: "nats.password",
+                        reason: "nats.user and nats.password must be set together".into(),
+                    });
+                }
+            }
+        }
+        if let Some(token) = &nats.token {
+            methods.push(NatsAuth::Token(token.clone()));
+        }
+        if let Some(seed) = &nats.nkey_seed {
+            methods.push(NatsAuth::NkeySeed(seed.clone()));
+        }
+        if let Some(path) = &nats.credentials_file {
+            methods.push(NatsAuth::CredentialsFile(path.clone()));
+        }
+        match methods.len() {
+            0 => Ok(NatsAuth::None),
+            1 => Ok(methods.remove(0)),
+            _ => Err(ConfigError::BadValue {
+                key: "nats",
+                reason: "configure only one of user/password, token, nkey_seed, credentials_file"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The private key file, resolved against the data directory.
+    pub fn private_key_path(&self) -> PathBuf {
+        resolve(&self.node.data_dir, &self.node.private_key_path)
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn validate_bucket_name(bucket: &str) -> Result<(), ConfigError> {
+    let valid_chars = bucket
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if (3..=63).contains(&bucket.len()) && valid_chars {
+        Ok(())
+    } else {
+        Err(ConfigError::BadValue {
+            key: "s3.bucket",
+            reason: format!(
+                "{bucket:?} is not a valid bucket name (3-63 characters: a-z, 0-9, '-', '.')"
+            ),
+        })
+    }
+}
+
+/// Turns `RHIO_A__B=value` variables into `(a.b, value)` assignments.
+fn env_assignments(vars: &[(String, String)]) -> Vec<(String, String)> {
+    vars.iter()
+        .filter_map(|(name, value)| {
+            let key = name.strip_prefix("RHIO_")?.to_ascii_lowercase();
+            if key.is_empty() || NON_CONFIG_ENV.contains(&key.as_str()) {
+                return None;
+            }
+            Some((key.replace("__", "."), value.clone()))
+        })
+        .collect()
+}
+
+/// A value from the environment or the command line: TOML arrays and inline tables (for list
+/// keys such as `network.known_nodes`) are parsed, everything else stays a string that the
+/// lossy extraction converts to the key's type.
+fn parse_value(raw: &str) -> figment::value::Value {
+    let trimmed = raw.trim_start();
+    if trimmed.starts_with('[') || trimmed.starts_with('{') {
+        let parsed = Toml::string(&format!("v = {raw}"))
+            .data()
+            .ok()
+            .and_then(|mut profiles| profiles.remove(&figment::Profile::Default))
+            .and_then(|mut dict| dict.remove("v"));
+        if let Some(value) = parsed {
+            return value;
+        }
+    }
+    figment::value::Value::from(raw.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_without_any_source() {
+        let config = Config::load(&ConfigSources::default()).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.nats_auth().unwrap(), NatsAuth::None);
+    }
+
+    #[test]
+    fn file_then_environment_then_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "[nats]\nendpoint = \"nats://file:4222\"\n[network]\nbind_port = 1111\nnetwork_id = \"from-file\"\n[s3]\nbucket = \"file-bucket\"\n",
+        );
+        let sources = ConfigSources {
+            file: Some(file.clone()),
+            env: env(&[
+                ("RHIO_NETWORK__BIND_PORT", "2222"),
+                ("RHIO_NATS__ENDPOINT", "nats://env:4222"),
+                ("RHIO_PRIVATE_KEY", "ignored-here"),
+                ("HOME", "/root"),
+            ]),
+            overrides: vec!["network.bind_port=3333".into()],
+        };
+        let config = Config::load(&sources).unwrap();
+        assert_eq!(config.network.bind_port, 3333, "command line wins");
+        assert_eq!(
+            config.nats.endpoint, "nats://env:4222",
+            "environment beats file"
+        );
+        assert_eq!(config.network.network_id, "from-file", "file beats default");
+        assert_eq!(config.s3.bucket, "file-bucket");
+        assert_eq!(
+            config.http,
+            HttpConfig::default(),
+            "untouched keys keep defaults"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "[nats]\nendpiont = \"nats://x:4222\"\n");
+        let err = Config::load(&ConfigSources {
+            file: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("endpiont"), "{err}");
+        assert!(err.contains("nats"), "{err}");
+
+        let err = Config::load(&ConfigSources {
+            env: env(&[("RHIO_NATS__ENDPIONT", "x")]),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("endpiont"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_key() {
+        let err = Config::load(&ConfigSources {
+            overrides: vec!["network.bind_port=not-a-port".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bind_port"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_and_bad_assignment_are_clear() {
+        let err = Config::load(&ConfigSources {
+            file: Some("/nonexistent/rhio.toml".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/nonexistent/rhio.toml"), "{err}");
+        let err = Config::load(&ConfigSources {
+            overrides: vec!["novalue".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn semantic_checks_name_the_key() {
+        let cases = [
+            ("s3.bucket=Bad_Bucket", "s3.bucket"),
+            ("s3.endpoint=localhost:9000", "s3.endpoint"),
+            ("s3.access_key=only-key", "s3.secret_key"),
+            ("nats.user=alice", "nats.password"),
+            (
+                "network.probe_interval_secs=0",
+                "network.probe_interval_secs",
+            ),
+        ];
+        for (assignment, key) in cases {
+            let err = Config::load(&ConfigSources {
+                overrides: vec![assignment.into()],
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{assignment}: {err}");
+        }
+        let err = Config::load(&ConfigSources {
+            overrides: vec!["nats.token=t".into(), "nats.nkey_seed=SU".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only one"), "{err}");
+    }
+
+    #[test]
+    fn known_nodes_from_file_and_environment() {
+        let key = rhio_core::identity::PrivateKey::generate().public_key();
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            &format!(
+                "[[network.known_nodes]]\npublic_key = \"{key}\"\naddresses = [\"127.0.0.1:9102\"]\n"
+            ),
+        );
+        let config = Config::load(&ConfigSources {
+            file: Some(file),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.network.known_nodes[0].public_key, key);
+        assert_eq!(config.network.known_nodes[0].addresses[0].port(), 9102);
+
+        let config = Config::load(&ConfigSources {
+            env: env(&[(
+                "RHIO_NETWORK__KNOWN_NODES",
+                &format!("[{{ public_key = \"{key}\", addresses = [\"10.0.0.2:9102\"] }}]"),
+            )]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.network.known_nodes.len(), 1);
+
+        let err = Config::load(&ConfigSources {
+            overrides: vec![
+                "network.known_nodes=[{ public_key = \"abc\", addresses = [\"10.0.0.2:9102\"] }]"
+                    .into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("public_key") || err.contains("known_nodes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn nats_auth_methods() {
+        let load = |sets: &[&str]| {
+            Config::load(&ConfigSources {
+                overrides: sets.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+            .unwrap()
+            .nats_auth()
+            .unwrap()
+        };
+        assert_eq!(
+            load(&["nats.user=u", "nats.password=p"]),
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: "p".into()
+            }
+        );
+        assert_eq!(load(&["nats.token=12345"]), NatsAuth::Token("12345".into()));
+        assert_eq!(
+            load(&["nats.credentials_file=/etc/rhio/nats.creds"]),
+            NatsAuth::CredentialsFile("/etc/rhio/nats.creds".into())
+        );
+    }
+
+    #[test]
+    fn example_config_matches_defaults() {
+        // config.example.toml documents every key with its default value.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
+        let config = Config::load(&ConfigSources {
+            file: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config, Config::default());
+    }
+}

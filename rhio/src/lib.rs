@@ -1,0 +1,32 @@
+//! The rhio node: moves Parquet datasets and signed messages between clusters.
+//!
+//! One node runs per cluster beside a NATS JetStream server and an S3 store. This crate wires the
+//! pure logic of `rhio-core` to those servers and to the other clusters' nodes:
+//!
+//! - [`config`]: defaults < file < `RHIO_*` environment < command line;
+//! - [`keys`]: the node's Ed25519 key (file created with mode 0600, or from `RHIO_PRIVATE_KEY`);
+//! - [`nats`]: the NATS connection (reconnects forever) and the `rhio.status` service;
+//! - [`s3`]: the S3 client and the background bucket check;
+//! - [`network`]: the p2panda-net/iroh QUIC endpoint and the known-node probes;
+//! - [`http`]: `GET /health` and `GET /metrics`;
+//! - [`node`]: starts all of the above and shuts them down in order.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use rhio::config::{Config, ConfigSources};
+//! let config = Config::load(&ConfigSources { file: Some("config.toml".into()), ..Default::default() })?;
+//! let key = rhio::keys::load_or_create(&config.private_key_path(), None)?.key;
+//! let node = rhio::node::Node::start(config, key).await?;
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod nats;
+pub mod network;
+pub mod node;
+pub mod s3;
+pub mod status;

@@ -1,0 +1,109 @@
+//! Prometheus metrics served on `GET /metrics`.
+//!
+//! Gauges that mirror state (NATS connected, S3 reachable, peers) are refreshed from a status
+//! snapshot at scrape time; counters are incremented where the event happens.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::status::NodeStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub nats_connected: Gauge,
+    pub s3_reachable: Gauge,
+    pub peers_known: Gauge,
+    pub peers_connected: Gauge,
+    pub uptime_seconds: Gauge,
+    pub peer_probes: Family<OutcomeLabels, Counter>,
+    pub s3_checks: Family<OutcomeLabels, Counter>,
+    pub status_requests: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rhio");
+        let metrics = Self {
+            nats_connected: Gauge::default(),
+            s3_reachable: Gauge::default(),
+            peers_known: Gauge::default(),
+            peers_connected: Gauge::default(),
+            uptime_seconds: Gauge::default(),
+            peer_probes: Family::default(),
+            s3_checks: Family::default(),
+            status_requests: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "nats_connected",
+            "1 when the NATS connection is up",
+            metrics.nats_connected.clone(),
+        );
+        registry.register(
+            "s3_reachable",
+            "1 when the last S3 bucket check succeeded",
+            metrics.s3_reachable.clone(),
+        );
+        registry.register(
+            "peers_known",
+            "Configured known nodes",
+            metrics.peers_known.clone(),
+        );
+        registry.register(
+            "peers_connected",
+            "Known nodes reachable over QUIC",
+            metrics.peers_connected.clone(),
+        );
+        registry.register(
+            "uptime_seconds",
+            "Seconds since the node started",
+            metrics.uptime_seconds.clone(),
+        );
+        registry.register(
+            "peer_probes",
+            "Probes of known nodes by outcome",
+            metrics.peer_probes.clone(),
+        );
+        registry.register(
+            "s3_checks",
+            "S3 bucket checks by outcome",
+            metrics.s3_checks.clone(),
+        );
+        registry.register(
+            "status_requests",
+            "rhio.status requests answered",
+            metrics.status_requests.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Refreshes the state gauges from `status` and renders the Prometheus text format.
+    pub fn render(&self, status: &NodeStatus) -> String {
+        self.nats_connected.set(status.nats.connected as i64);
+        self.s3_reachable.set(status.s3.reachable as i64);
+        self.peers_known.set(status.peers.known as i64);
+        self.peers_connected.set(status.peers.connected as i64);
+        self.uptime_seconds.set(status.uptime_secs as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

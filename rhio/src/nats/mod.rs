@@ -1,0 +1,198 @@
+//! The NATS side of a node: one connection that reconnects forever, and the `rhio.status`
+//! request/reply service.
+//!
+//! The node starts even while NATS is down: the client is created with
+//! `retry_on_initial_connect`, so subscriptions made before the server is reachable are sent as
+//! soon as it is, and every later disconnect is retried with capped exponential backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, ServerAddr};
+use futures::StreamExt;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{NatsAuth, NatsConfig};
+use crate::metrics::Metrics;
+use crate::status::{NatsStatus, StatusSource};
+
+/// Subject of the status request/reply service.
+pub const STATUS_SUBJECT: &str = "rhio.status";
+
+/// Longest pause between two reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum NatsError {
+    #[error("invalid nats.endpoint {endpoint:?}: {reason}")]
+    BadEndpoint { endpoint: String, reason: String },
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("NATS client could not be created: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// The node's NATS connection.
+#[derive(Clone, Debug)]
+pub struct NatsConnection {
+    client: async_nats::Client,
+    endpoint: String,
+}
+
+impl NatsConnection {
+    /// Creates the client; returns at once even if the server is not reachable yet.
+    pub async fn connect(config: &NatsConfig, auth: NatsAuth) -> Result<Self, NatsError> {
+        let servers = parse_servers(&config.endpoint)?;
+        let options =
+            match auth {
+                NatsAuth::None => ConnectOptions::new(),
+                NatsAuth::UserPassword { user, password } => {
+                    ConnectOptions::with_user_and_password(user, password)
+                }
+                NatsAuth::Token(token) => ConnectOptions::with_token(token),
+                NatsAuth::NkeySeed(seed) => ConnectOptions::with_nkey(seed),
+                NatsAuth::CredentialsFile(path) => ConnectOptions::with_credentials_file(&path)
+                    .await
+                    .map_err(|source| NatsError::Credentials { path, source })?,
+            };
+        let endpoint = config.endpoint.clone();
+        let log_endpoint = endpoint.clone();
+        let client = options
+            .name(&config.client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let endpoint = log_endpoint.clone();
+                async move { log_event(&endpoint, event) }
+            })
+            .connect(servers)
+            .await?;
+        Ok(Self { client, endpoint })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn status(&self) -> NatsStatus {
+        use async_nats::connection::State;
+        let state = self.client.connection_state();
+        NatsStatus {
+            endpoint: self.endpoint.clone(),
+            connected: state == State::Connected,
+            state: match state {
+                State::Connected => "connected",
+                State::Disconnected => "disconnected",
+                State::Pending => "pending",
+            }
+            .into(),
+        }
+    }
+
+    /// Sends what is buffered; used at shutdown. Bounded by the caller's timeout.
+    pub async fn flush(&self) {
+        if let Err(err) = self.client.flush().await {
+            tracing::debug!(%err, "NATS flush at shutdown failed");
+        }
+    }
+}
+
+fn parse_servers(endpoint: &str) -> Result<Vec<ServerAddr>, NatsError> {
+    endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<ServerAddr>()
+                .map_err(|err| NatsError::BadEndpoint {
+                    endpoint: endpoint.to_string(),
+                    reason: err.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|servers| {
+            if servers.is_empty() {
+                Err(NatsError::BadEndpoint {
+                    endpoint: endpoint.to_string(),
+                    reason: "no server URL".into(),
+                })
+            } else {
+                Ok(servers)
+            }
+        })
+}
+
+/// Capped exponential backoff: 100 ms, 200 ms, ... up to [`MAX_RECONNECT_DELAY`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let exponent = attempts.min(16) as u32;
+    Duration::from_millis(100u64.saturating_mul(1u64 << exponent)).min(MAX_RECONNECT_DELAY)
+}
+
+fn log_event(endpoint: &str, event: async_nats::Event) {
+    use async_nats::Event;
+    match event {
+        Event::Connected => tracing::info!(endpoint, "connected to NATS"),
+        Event::Disconnected => tracing::warn!(endpoint, "disconnected from NATS, reconnecting"),
+        Event::ClientError(err) => tracing::warn!(endpoint, %err, "NATS client error"),
+        Event::ServerError(err) => tracing::warn!(endpoint, %err, "NATS server error"),
+        other => tracing::debug!(endpoint, event = %other, "NATS event"),
+    }
+}
+
+/// Answers `rhio.status` requests with the node status as JSON until `shutdown` fires.
+pub async fn serve_status(
+    nats: NatsConnection,
+    status: StatusSource,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut requests = match nats.client.subscribe(STATUS_SUBJECT).await {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            tracing::error!(%err, subject = STATUS_SUBJECT, "cannot subscribe; status service is off");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => request,
+        };
+        let Some(request) = request else { break };
+        let Some(reply) = request.reply else { continue };
+        let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
+        metrics.status_requests.inc();
+        if let Err(err) = nats.client.publish(reply, body.into()).await {
+            tracing::warn!(%err, "cannot answer rhio.status request");
+        }
+    }
+    let _ = requests.unsubscribe().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_and_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(800));
+        assert_eq!(reconnect_delay(1000), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn parses_comma_separated_servers() {
+        assert_eq!(
+            parse_servers("nats://a:4222, nats://b:4223").unwrap().len(),
+            2
+        );
+        assert!(parse_servers(" , ").is_err());
+        assert!(parse_servers("nats://a:notaport").is_err());
+    }
+}

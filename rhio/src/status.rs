@@ -1,0 +1,109 @@
+//! The node's status as one JSON document, shared by `GET /health` and `rhio.status`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rhio_core::identity::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::nats::NatsConnection;
+use crate::network::{Network, PeerStatus};
+use crate::s3::S3Status;
+
+/// Everything a status request reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `ok` when NATS is connected and the S3 bucket is reachable, `degraded` otherwise.
+    pub status: String,
+    pub public_key: PublicKey,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub nats: NatsStatus,
+    pub s3: S3Status,
+    pub network: NetworkStatus,
+    pub peers: PeersStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatsStatus {
+    pub endpoint: String,
+    pub connected: bool,
+    /// `connected`, `disconnected` or `pending` (never connected yet).
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub network_id: String,
+    /// UDP sockets the QUIC endpoint is bound to.
+    pub bound_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeersStatus {
+    pub known: usize,
+    pub connected: usize,
+    pub nodes: Vec<PeerStatus>,
+}
+
+impl NodeStatus {
+    pub fn is_ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+/// Cheap, cloneable access to the subsystems a status report reads.
+#[derive(Clone)]
+pub struct StatusSource {
+    inner: Arc<StatusInner>,
+}
+
+struct StatusInner {
+    public_key: PublicKey,
+    started: Instant,
+    nats: NatsConnection,
+    s3: crate::s3::S3Store,
+    network: Network,
+}
+
+impl StatusSource {
+    pub fn new(
+        public_key: PublicKey,
+        nats: NatsConnection,
+        s3: crate::s3::S3Store,
+        network: Network,
+    ) -> Self {
+        Self {
+            inner: Arc::new(StatusInner {
+                public_key,
+                started: Instant::now(),
+                nats,
+                s3,
+                network,
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> NodeStatus {
+        let inner = &self.inner;
+        let nats = inner.nats.status();
+        let s3 = inner.s3.status();
+        let nodes = inner.network.peers();
+        let connected = nodes.iter().filter(|peer| peer.connected).count();
+        let ok = nats.connected && s3.reachable;
+        NodeStatus {
+            status: if ok { "ok" } else { "degraded" }.into(),
+            public_key: inner.public_key,
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: inner.started.elapsed().as_secs(),
+            nats,
+            s3,
+            network: inner.network.status(),
+            peers: PeersStatus {
+                known: nodes.len(),
+                connected,
+                nodes,
+            },
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Test harness: real servers from `dev/localenv.py` and real `rhio` processes.
+//!
+//! Every test gets its own environment directory, ports and data; servers are stopped when the
+//! `LocalEnv` is dropped, and by a watchdog if the test process dies first.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Polls `condition` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub nats_url: String,
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+}
+
+/// Servers of N clusters, stopped on drop.
+pub struct LocalEnv {
+    dir: tempfile::TempDir,
+    pub clusters: Vec<Cluster>,
+    pub registry: Option<String>,
+}
+
+fn localenv(args: &[&str]) -> std::process::Output {
+    let output = Command::new("python3")
+        .arg(repo_root().join("dev/localenv.py"))
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .expect("python3 runs dev/localenv.py");
+    assert!(
+        output.status.success(),
+        "dev/localenv.py {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+impl LocalEnv {
+    pub fn up(clusters: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().to_str().unwrap().to_string();
+        let owner = std::process::id().to_string();
+        let output = localenv(&[
+            "up",
+            "--dir",
+            &path,
+            "--clusters",
+            &clusters.to_string(),
+            "--no-registry",
+            "--owner-pid",
+            &owner,
+        ]);
+        let info: Value = serde_json::from_slice(&output.stdout).expect("env JSON");
+        let clusters = info["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Cluster {
+                name: c["name"].as_str().unwrap().into(),
+                nats_url: c["nats_url"].as_str().unwrap().into(),
+                s3_endpoint: c["s3_endpoint"].as_str().unwrap().into(),
+                s3_bucket: c["s3_bucket"].as_str().unwrap().into(),
+                s3_access_key: c["s3_access_key"].as_str().unwrap().into(),
+                s3_secret_key: c["s3_secret_key"].as_str().unwrap().into(),
+            })
+            .collect();
+        Self {
+            dir,
+            clusters,
+            registry: info["registry"].as_str().map(String::from),
+        }
+    }
+
+    pub fn stop(&self, service: &str) {
+        localenv(&[
+            "stop",
+            "--dir",
+            self.dir.path().to_str().unwrap(),
+            "--service",
+            service,
+        ]);
+    }
+
+    pub fn start(&self, service: &str) {
+        localenv(&[
+            "start",
+            "--dir",
+            self.dir.path().to_str().unwrap(),
+            "--service",
+            service,
+        ]);
+    }
+}
+
+impl Drop for LocalEnv {
+    fn drop(&mut self) {
+        let _ = Command::new("python3")
+            .arg(repo_root().join("dev/localenv.py"))
+            .args(["down", "--dir", self.dir.path().to_str().unwrap()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Minimal HTTP/1.1 GET: returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    let code = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// Configuration of one test node, rendered to TOML.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub data_dir: PathBuf,
+    pub http_port: u16,
+    pub quic_port: u16,
+    pub nats_url: String,
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+    pub create_bucket: bool,
+    pub network_id: String,
+    pub known_nodes: Vec<(String, u16)>,
+    pub extra: String,
+}
+
+impl NodeSpec {
+    pub fn for_cluster(cluster: &Cluster, data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            http_port: free_tcp_port(),
+            quic_port: free_udp_port(),
+            nats_url: cluster.nats_url.clone(),
+            s3_endpoint: cluster.s3_endpoint.clone(),
+            s3_bucket: cluster.s3_bucket.clone(),
+            s3_access_key: cluster.s3_access_key.clone(),
+            s3_secret_key: cluster.s3_secret_key.clone(),
+            create_bucket: false,
+            network_id: "rhio-test".into(),
+            known_nodes: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// Creates the node key now, so other nodes can be configured with its public key.
+    pub fn public_key(&self) -> String {
+        let path = self.data_dir.join("private.key");
+        rhio::keys::load_or_create(&path, None)
+            .unwrap()
+            .key
+            .public_key()
+            .to_hex()
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.http_port))
+    }
+
+    pub fn toml(&self) -> String {
+        let mut text = format!(
+            r#"[node]
+data_dir = "{data_dir}"
+shutdown_timeout_secs = 5
+log_level = "info,rhio=debug"
+
+[http]
+bind = "127.0.0.1:{http_port}"
+
+[nats]
+endpoint = "{nats_url}"
+
+[s3]
+endpoint = "{s3_endpoint}"
+bucket = "{s3_bucket}"
+access_key = "{s3_access_key}"
+secret_key = "{s3_secret_key}"
+create_bucket = {create_bucket}
+
+[network]
+network_id = "{network_id}"
+bind_ip = "127.0.0.1"
+bind_port = {quic_port}
+probe_interval_secs = 1
+max_retry_interval_secs = 2
+"#,
+            data_dir = self.data_dir.display(),
+            http_port = self.http_port,
+            nats_url = self.nats_url,
+            s3_endpoint = self.s3_endpoint,
+            s3_bucket = self.s3_bucket,
+            s3_access_key = self.s3_access_key,
+            s3_secret_key = self.s3_secret_key,
+            create_bucket = self.create_bucket,
+            network_id = self.network_id,
+            quic_port = self.quic_port,
+        );
+        for (key, port) in &self.known_nodes {
+            text.push_str(&format!(
+                "\n[[network.known_nodes]]\npublic_key = \"{key}\"\naddresses = [\"127.0.0.1:{port}\"]\n"
+            ));
+        }
+        text.push_str(&self.extra);
+        text
+    }
+}
+
+/// A running `rhio` process; killed on drop if still running.
+pub struct RhioNode {
+    pub spec: NodeSpec,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl RhioNode {
+    pub fn start(spec: NodeSpec) -> Self {
+        std::fs::create_dir_all(&spec.data_dir).unwrap();
+        let config = spec.data_dir.join("config.toml");
+        std::fs::write(&config, spec.toml()).unwrap();
+        let log = spec.data_dir.join("node.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rhio"))
+            .arg("-c")
+            .arg(&config)
+            .env_remove("RHIO_PRIVATE_KEY")
+            .env_remove("RUST_LOG")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("rhio binary starts");
+        Self {
+            spec,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn health(&self) -> Option<(u16, Value)> {
+        let (code, body) = http_get(self.spec.http_addr(), "/health")?;
+        Some((code, serde_json::from_str(&body).ok()?))
+    }
+
+    /// Waits until /health answers (whatever the status) and returns the document.
+    pub fn wait_http(&self) -> Value {
+        wait_for("node HTTP server", Duration::from_secs(30), || {
+            self.assert_running();
+            self.health().map(|(_, body)| body)
+        })
+    }
+
+    pub fn wait_healthy(&self) -> Value {
+        wait_for("node to report ok", Duration::from_secs(30), || {
+            self.assert_running();
+            self.health()
+                .filter(|(code, _)| *code == 200)
+                .map(|(_, body)| body)
+        })
+    }
+
+    pub fn wait_peers_connected(&self, count: u64) -> Value {
+        wait_for(
+            &format!("{count} connected peers"),
+            Duration::from_secs(30),
+            || {
+                self.assert_running();
+                self.health()
+                    .map(|(_, body)| body)
+                    .filter(|body| body["peers"]["connected"].as_u64() == Some(count))
+            },
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&self) {
+        let child = self.child.as_ref().expect("node was started");
+        // try_wait needs &mut; check liveness through /proc instead.
+        let alive = Path::new(&format!("/proc/{}", child.id())).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+                .unwrap_or_default()
+                .contains(") Z");
+        assert!(alive, "rhio exited early; log:\n{}", self.log());
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = wait_for("rhio to exit", timeout, || child.try_wait().unwrap());
+        self.child = None;
+        status
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RhioNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `rhio` to completion with the given arguments and environment.
+pub fn run_rhio(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rhio"));
+    command
+        .args(args)
+        .env_remove("RHIO_PRIVATE_KEY")
+        .env_remove("RHIO_CONFIG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("rhio runs")
+}

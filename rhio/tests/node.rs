@@ -1,0 +1,200 @@
+//! A single node against real NATS (JetStream) and S3 servers started by `dev/localenv.py`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{LocalEnv, NodeSpec, RhioNode, http_get, run_rhio, wait_for};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn serves_health_metrics_and_status_then_stops_on_sigint() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
+    let health = node.wait_healthy();
+
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["nats"]["connected"], true);
+    assert_eq!(health["nats"]["state"], "connected");
+    assert_eq!(health["s3"]["reachable"], true);
+    assert_eq!(health["s3"]["bucket"], "rhio");
+    assert_eq!(health["peers"]["known"], 0);
+
+    // The key file was created with mode 0600 and is the identity the node reports.
+    let key_path = dir.path().join("private.key");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let public_key = node.spec.public_key();
+    assert_eq!(health["public_key"], public_key.as_str());
+    assert!(
+        node.log()
+            .contains(&format!("rhio public key: {public_key}"))
+    );
+
+    // rhio.status over NATS answers with the same document.
+    let status = runtime().block_on(async {
+        let client = rhio_client::Client::connect(&env.clusters[0].nats_url)
+            .await
+            .unwrap();
+        client.status().await.unwrap()
+    });
+    assert_eq!(status["public_key"], public_key.as_str());
+    assert_eq!(status["status"], "ok");
+
+    let (code, metrics) = http_get(node.spec.http_addr(), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("rhio_nats_connected 1"), "{metrics}");
+    assert!(metrics.contains("rhio_s3_reachable 1"), "{metrics}");
+    assert!(
+        metrics.contains("rhio_status_requests_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        http_get(node.spec.http_addr(), "/health/live").unwrap().0,
+        200
+    );
+    assert_eq!(http_get(node.spec.http_addr(), "/nope").unwrap().0, 404);
+
+    node.signal(libc::SIGINT);
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn starts_while_nats_is_down_and_connects_when_it_comes_up() {
+    let env = LocalEnv::up(1);
+    env.stop("nats-a");
+    let dir = tempfile::tempdir().unwrap();
+    let node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
+
+    let (code, health) = wait_for("degraded health", Duration::from_secs(30), || node.health());
+    assert_eq!(code, 503);
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["nats"]["connected"], false);
+    assert_eq!(health["s3"]["reachable"], true);
+
+    env.start("nats-a");
+    let health = node.wait_healthy();
+    assert_eq!(health["nats"]["connected"], true);
+    // The status service subscribed while NATS was down and answers now.
+    let status = runtime().block_on(async {
+        let client = rhio_client::Client::connect(&env.clusters[0].nats_url)
+            .await
+            .unwrap();
+        wait_for_status(&client).await
+    });
+    assert_eq!(status["nats"]["connected"], true);
+}
+
+async fn wait_for_status(client: &rhio_client::Client) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.status().await {
+            Ok(status) => return status,
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                let _ = err;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("rhio.status never answered: {err}"),
+        }
+    }
+}
+
+#[test]
+fn s3_down_at_start_is_degraded_then_recovers() {
+    let env = LocalEnv::up(1);
+    env.stop("s3-a");
+    let dir = tempfile::tempdir().unwrap();
+    let node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
+    let (code, health) = wait_for("degraded health", Duration::from_secs(30), || node.health());
+    assert_eq!(code, 503);
+    assert_eq!(health["s3"]["reachable"], false);
+    assert!(
+        health["s3"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{health}"
+    );
+    env.start("s3-a");
+    let health = node.wait_healthy();
+    assert_eq!(health["s3"]["error"], serde_json::Value::Null);
+}
+
+#[test]
+fn missing_bucket_fails_at_start_unless_creation_is_enabled() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], dir.path());
+    spec.s3_bucket = "not-there".into();
+    let mut node = RhioNode::start(spec.clone());
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = node.log();
+    assert!(log.contains("bucket \"not-there\" does not exist"), "{log}");
+    assert!(log.contains("s3.create_bucket"), "{log}");
+
+    spec.create_bucket = true;
+    let node = RhioNode::start(spec);
+    let health = node.wait_healthy();
+    assert_eq!(health["s3"]["bucket"], "not-there");
+    assert!(node.log().contains("created S3 bucket"));
+}
+
+#[test]
+fn config_errors_fail_at_start_with_the_key_named() {
+    let output = run_rhio(&["--set", "nats.endpiont=nats://x:4222"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("endpiont"), "{stderr}");
+
+    let output = run_rhio(
+        &["--print-config"],
+        &[("RHIO_NETWORK__BIND_PORT", "notaport")],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bind_port"));
+
+    let output = run_rhio(&["-c", "/nonexistent/rhio.toml"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/rhio.toml"));
+
+    // Precedence through the real binary: file < environment < command line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "[network]\nbind_port = 1111\nnetwork_id = \"file\"\n[s3]\nregion = \"file\"\n",
+    )
+    .unwrap();
+    let output = run_rhio(
+        &[
+            "-c",
+            file.to_str().unwrap(),
+            "--bind-port",
+            "3333",
+            "--print-config",
+        ],
+        &[
+            ("RHIO_NETWORK__BIND_PORT", "2222"),
+            ("RHIO_NETWORK__NETWORK_ID", "env"),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("bind_port = 3333"), "{printed}");
+    assert!(printed.contains("network_id = \"env\""), "{printed}");
+    assert!(printed.contains("region = \"file\""), "{printed}");
+}
