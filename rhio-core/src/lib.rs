@@ -15,4 +15,8 @@
 //! ```
 
 pub mod identity;
+pub mod message;
 pub mod network;
+pub mod operation;
+pub mod subject;
+pub mod sync;
