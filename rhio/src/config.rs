@@ -26,6 +26,28 @@ pub struct Config {
     pub nats: NatsConfig,
     pub s3: S3Config,
     pub network: NetworkConfig,
+    /// Local subjects whose messages this node signs and sends to other clusters.
+    pub publish: Vec<PublishConfig>,
+    /// Per remote author, the subjects accepted from it and where they go locally.
+    pub subscribe: Vec<SubscribeConfig>,
+}
+
+/// Messages on `subjects`, captured by the JetStream stream `stream`, are routed out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    pub subjects: Vec<String>,
+    pub stream: String,
+}
+
+/// Messages of author `public_key` on `subjects` are accepted and published into the local
+/// JetStream (captured there by `stream`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeConfig {
+    pub public_key: PublicKey,
+    pub subjects: Vec<String>,
+    pub stream: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +84,8 @@ pub struct NatsConfig {
     pub credentials_file: Option<PathBuf>,
     /// Connection name shown in the NATS server's monitoring.
     pub client_name: String,
+    /// Create the JetStream streams named in `publish` and `subscribe` when they are missing.
+    pub create_streams: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +157,7 @@ impl Default for NatsConfig {
             nkey_seed: None,
             credentials_file: None,
             client_name: "rhio".into(),
+            create_streams: false,
         }
     }
 }
@@ -264,12 +289,58 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        self.validate_routes()?;
         for node in &self.network.known_nodes {
             if node.addresses.is_empty() {
                 return Err(ConfigError::BadValue {
                     key: "network.known_nodes",
                     reason: format!("node {} has no addresses", node.public_key),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        use rhio_core::subject::{overlap, validate_filter};
+        let bad = |key: &'static str, reason: String| ConfigError::BadValue { key, reason };
+        for (i, publish) in self.publish.iter().enumerate() {
+            validate_stream_name(&publish.stream)
+                .map_err(|r| bad("publish.stream", format!("publish[{i}]: {r}")))?;
+            if publish.subjects.is_empty() {
+                return Err(bad(
+                    "publish.subjects",
+                    format!("publish[{i}] lists no subjects"),
+                ));
+            }
+            for filter in &publish.subjects {
+                validate_filter(filter)
+                    .map_err(|e| bad("publish.subjects", format!("publish[{i}]: {e}")))?;
+            }
+        }
+        for (i, subscribe) in self.subscribe.iter().enumerate() {
+            validate_stream_name(&subscribe.stream)
+                .map_err(|r| bad("subscribe.stream", format!("subscribe[{i}]: {r}")))?;
+            if subscribe.subjects.is_empty() {
+                return Err(bad(
+                    "subscribe.subjects",
+                    format!("subscribe[{i}] lists no subjects"),
+                ));
+            }
+            for filter in &subscribe.subjects {
+                validate_filter(filter)
+                    .map_err(|e| bad("subscribe.subjects", format!("subscribe[{i}]: {e}")))?;
+                // A subject both sent out and accepted would echo between clusters.
+                for publish in &self.publish {
+                    if let Some(published) = publish.subjects.iter().find(|p| overlap(p, filter)) {
+                        return Err(bad(
+                            "subscribe.subjects",
+                            format!(
+                                "subscribe[{i}] subject {filter:?} overlaps published subject {published:?}; a subject cannot be both published and subscribed by one node"
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -324,6 +395,21 @@ fn resolve(base: &Path, path: &Path) -> PathBuf {
         path.to_path_buf()
     } else {
         base.join(path)
+    }
+}
+
+fn validate_stream_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid JetStream stream name (no spaces, '.', '*', '>', '/')"
+        ))
     }
 }
 
@@ -552,6 +638,51 @@ mod tests {
             err.contains("public_key") || err.contains("known_nodes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn routes_load_and_conflicts_are_rejected() {
+        let key = rhio_core::identity::PrivateKey::generate().public_key();
+        let dir = tempfile::tempdir().unwrap();
+        let routes = format!(
+            "[[publish]]\nsubjects = [\"sensors.>\"]\nstream = \"SENSORS\"\n\n[[subscribe]]\npublic_key = \"{key}\"\nsubjects = [\"remote.*\"]\nstream = \"REMOTE\"\n"
+        );
+        let file = write(dir.path(), &routes);
+        let config = Config::load(&ConfigSources {
+            file: Some(file),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.publish[0].stream, "SENSORS");
+        assert_eq!(config.subscribe[0].public_key, key);
+
+        let conflicting = routes.replace("remote.*", "sensors.t1");
+        let file = write(dir.path(), &conflicting);
+        let err = Config::load(&ConfigSources {
+            file: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("sensors.t1") && err.contains("both published and subscribed"),
+            "{err}"
+        );
+
+        for (from, to, key_name) in [
+            ("\"SENSORS\"", "\"SEN.SORS\"", "publish.stream"),
+            ("remote.*", "remote.>.x", "subscribe.subjects"),
+            ("[\"sensors.>\"]", "[]", "publish.subjects"),
+        ] {
+            let file = write(dir.path(), &routes.replace(from, to));
+            let err = Config::load(&ConfigSources {
+                file: Some(file),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key_name), "{from} -> {to}: {err}");
+        }
     }
 
     #[test]

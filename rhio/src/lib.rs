@@ -9,6 +9,8 @@
 //! - [`s3`]: the S3 client and the background bucket check;
 //! - [`network`]: the p2panda-net/iroh QUIC endpoint and the known-node probes;
 //! - [`http`]: `GET /health` and `GET /metrics`;
+//! - [`store`]: the durable operation store (SQLite) with group commit;
+//! - [`routing`]: signing local JetStream messages and delivering accepted remote ones;
 //! - [`node`]: starts all of the above and shuts them down in order.
 //!
 //! ```no_run
@@ -28,5 +30,7 @@ pub mod metrics;
 pub mod nats;
 pub mod network;
 pub mod node;
+pub mod routing;
 pub mod s3;
 pub mod status;
+pub mod store;

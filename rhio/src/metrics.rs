@@ -17,6 +17,11 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub nats_connected: Gauge,
@@ -27,6 +32,12 @@ pub struct Metrics {
     pub peer_probes: Family<OutcomeLabels, Counter>,
     pub s3_checks: Family<OutcomeLabels, Counter>,
     pub status_requests: Counter,
+    pub operations_signed: Counter,
+    pub operations_received: Counter,
+    pub operations_delivered: Counter,
+    pub operations_rejected: Family<ReasonLabels, Counter>,
+    pub routing_errors: Counter,
+    pub sync_sessions: Family<ReasonLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -47,6 +58,12 @@ impl Metrics {
             peer_probes: Family::default(),
             s3_checks: Family::default(),
             status_requests: Counter::default(),
+            operations_signed: Counter::default(),
+            operations_received: Counter::default(),
+            operations_delivered: Counter::default(),
+            operations_rejected: Family::default(),
+            routing_errors: Counter::default(),
+            sync_sessions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -88,6 +105,36 @@ impl Metrics {
             "status_requests",
             "rhio.status requests answered",
             metrics.status_requests.clone(),
+        );
+        registry.register(
+            "operations_signed",
+            "Local messages signed as operations",
+            metrics.operations_signed.clone(),
+        );
+        registry.register(
+            "operations_received",
+            "Operations of other authors verified and stored",
+            metrics.operations_received.clone(),
+        );
+        registry.register(
+            "operations_delivered",
+            "Operations of other authors published into the local JetStream",
+            metrics.operations_delivered.clone(),
+        );
+        registry.register(
+            "operations_rejected",
+            "Received operations rejected, by reason",
+            metrics.operations_rejected.clone(),
+        );
+        registry.register(
+            "routing_errors",
+            "Failures of NATS, JetStream or the store that paused routing",
+            metrics.routing_errors.clone(),
+        );
+        registry.register(
+            "sync_sessions",
+            "Open sync sessions (subscribed: to peers; serving: from peers)",
+            metrics.sync_sessions.clone(),
         );
         Self {
             registry,

@@ -12,8 +12,12 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::nats::{NatsConnection, NatsError};
 use crate::network::{Network, NetworkError};
+use crate::routing::Routes;
+use crate::routing::delivery::Delivery;
+use crate::routing::outbound::Publisher;
 use crate::s3::{S3Error, S3Store};
 use crate::status::StatusSource;
+use crate::store::Store;
 
 /// How often the S3 bucket is re-checked in the background.
 const S3_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -33,11 +37,58 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Routing(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+/// How long the start waits for NATS before checking streams later instead.
+const STREAM_CHECK_WAIT: Duration = Duration::from_secs(3);
+
+/// Makes sure the configured streams exist before the node reports itself running, if NATS
+/// answers within [`STREAM_CHECK_WAIT`]: missing streams are created when `nats.create_streams`
+/// is set and fail the start otherwise. When NATS is down the routing tasks do the same once it
+/// is up, and report problems in the log and in `rhio_routing_errors_total`.
+async fn check_streams(
+    nats: &NatsConnection,
+    js: &async_nats::jetstream::Context,
+    config: &Config,
+) -> Result<(), StartError> {
+    if config.publish.is_empty() && config.subscribe.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + STREAM_CHECK_WAIT;
+    while !nats.status().connected {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!("NATS is not reachable yet; JetStream streams are checked once it is");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut streams: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (stream, subjects) in config
+        .publish
+        .iter()
+        .map(|p| (&p.stream, &p.subjects))
+        .chain(config.subscribe.iter().map(|s| (&s.stream, &s.subjects)))
+    {
+        streams
+            .entry(stream)
+            .or_default()
+            .extend(subjects.iter().cloned());
+    }
+    for (stream, subjects) in streams {
+        crate::routing::ensure_stream(js, stream, &subjects, config.nats.create_streams)
+            .await
+            .map_err(StartError::Routing)?;
+    }
+    Ok(())
 }
 
 /// A running node.
@@ -81,10 +132,63 @@ impl Node {
             shutdown.clone(),
         ));
 
+        let routes = Routes::from_config(&config);
+        if config
+            .subscribe
+            .iter()
+            .any(|entry| entry.public_key == key.public_key())
+        {
+            return Err(StartError::Routing(
+                "subscribe lists this node's own public key; a node never subscribes to itself"
+                    .into(),
+            ));
+        }
+        let store = Store::open(&config.node.data_dir.join("rhio.sqlite"), key.clone()).await?;
+        let js = async_nats::jetstream::new(nats.client().clone());
+        check_streams(&nats, &js, &config).await?;
+
         let network =
             Network::spawn(&config.network, &key, metrics.clone(), shutdown.clone()).await?;
+        network
+            .start_sync(
+                &config.network.known_nodes,
+                store.clone(),
+                routes.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+        for route in &config.publish {
+            let publisher = Publisher {
+                js: js.clone(),
+                route: route.clone(),
+                create_stream: config.nats.create_streams,
+                store: store.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(publisher.run());
+        }
+        if !config.subscribe.is_empty() {
+            let delivery = Delivery {
+                js: js.clone(),
+                routes: routes.clone(),
+                own_key: key.public_key(),
+                create_streams: config.nats.create_streams,
+                store: store.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(delivery.run());
+        }
 
-        let status = StatusSource::new(key.public_key(), nats.clone(), s3, network.clone());
+        let status = StatusSource::new(
+            key.public_key(),
+            nats.clone(),
+            s3,
+            network.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(crate::nats::serve_status(
             nats.clone(),
             status.clone(),

@@ -6,6 +6,7 @@ use std::time::Instant;
 use rhio_core::identity::PublicKey;
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::nats::NatsConnection;
 use crate::network::{Network, PeerStatus};
 use crate::s3::S3Status;
@@ -22,6 +23,20 @@ pub struct NodeStatus {
     pub s3: S3Status,
     pub network: NetworkStatus,
     pub peers: PeersStatus,
+    pub routing: RoutingStatus,
+}
+
+/// Counters of message routing since the node started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    pub signed: u64,
+    pub received: u64,
+    pub delivered: u64,
+    pub rejected: u64,
+    /// Sync sessions open to known nodes.
+    pub sessions_subscribed: i64,
+    /// Sync sessions known nodes have open to us.
+    pub sessions_serving: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +79,7 @@ struct StatusInner {
     nats: NatsConnection,
     s3: crate::s3::S3Store,
     network: Network,
+    metrics: Arc<Metrics>,
 }
 
 impl StatusSource {
@@ -72,6 +88,7 @@ impl StatusSource {
         nats: NatsConnection,
         s3: crate::s3::S3Store,
         network: Network,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(StatusInner {
@@ -80,6 +97,7 @@ impl StatusSource {
                 nats,
                 s3,
                 network,
+                metrics,
             }),
         }
     }
@@ -104,6 +122,47 @@ impl StatusSource {
                 connected,
                 nodes,
             },
+            routing: self.routing(),
         }
     }
+
+    fn routing(&self) -> RoutingStatus {
+        let metrics = &self.inner.metrics;
+        let sessions = |reason| {
+            metrics
+                .sync_sessions
+                .get_or_create(&ReasonLabels { reason })
+                .get()
+        };
+        RoutingStatus {
+            signed: metrics.operations_signed.get(),
+            received: metrics.operations_received.get(),
+            delivered: metrics.operations_delivered.get(),
+            rejected: rejected_total(metrics),
+            sessions_subscribed: sessions("subscribed"),
+            sessions_serving: sessions("serving"),
+        }
+    }
+}
+
+/// Sum over all rejection reasons.
+fn rejected_total(metrics: &Metrics) -> u64 {
+    const REASONS: &[&str] = &[
+        "invalid",
+        "author_not_allowed",
+        "subject_not_allowed",
+        "malformed_body",
+        "conflict",
+        "broken_chain",
+        "reorder_buffer_full",
+    ];
+    REASONS
+        .iter()
+        .map(|reason| {
+            metrics
+                .operations_rejected
+                .get_or_create(&ReasonLabels { reason })
+                .get()
+        })
+        .sum()
 }

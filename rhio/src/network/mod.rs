@@ -10,6 +10,7 @@
 //! does not, so a node that comes back is noticed without operator action.
 
 mod hello;
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -269,6 +270,42 @@ impl Network {
             bound,
             tasks: Arc::new(tokio::sync::Mutex::new(tasks)),
         })
+    }
+
+    /// Serves sync sessions to known nodes and keeps one open to each of them when this node
+    /// subscribes to anything.
+    pub async fn start_sync(
+        &self,
+        known: &[KnownNode],
+        store: crate::store::Store,
+        routes: crate::routing::Routes,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<(), NetworkError> {
+        let known_keys = known.iter().map(|node| node.public_key).collect();
+        self.endpoint
+            .accept(
+                sync::SYNC_ALPN,
+                sync::SyncServer::new(store.clone(), known_keys, metrics.clone()),
+            )
+            .await
+            .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
+        if routes.interests().is_empty() {
+            return Ok(());
+        }
+        let mut tasks = self.tasks.lock().await;
+        for node in known {
+            let client = sync::SyncClient {
+                endpoint: self.endpoint.clone(),
+                peer: node.public_key,
+                store: store.clone(),
+                routes: routes.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(client.run());
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self) -> &Endpoint {

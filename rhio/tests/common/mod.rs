@@ -175,6 +175,7 @@ pub struct NodeSpec {
     pub s3_access_key: String,
     pub s3_secret_key: String,
     pub create_bucket: bool,
+    pub create_streams: bool,
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
     pub extra: String,
@@ -192,6 +193,7 @@ impl NodeSpec {
             s3_access_key: cluster.s3_access_key.clone(),
             s3_secret_key: cluster.s3_secret_key.clone(),
             create_bucket: false,
+            create_streams: true,
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
             extra: String::new(),
@@ -224,6 +226,7 @@ bind = "127.0.0.1:{http_port}"
 
 [nats]
 endpoint = "{nats_url}"
+create_streams = {create_streams}
 
 [s3]
 endpoint = "{s3_endpoint}"
@@ -247,6 +250,7 @@ max_retry_interval_secs = 2
             s3_access_key = self.s3_access_key,
             s3_secret_key = self.s3_secret_key,
             create_bucket = self.create_bucket,
+            create_streams = self.create_streams,
             network_id = self.network_id,
             quic_port = self.quic_port,
         );
@@ -384,4 +388,97 @@ pub fn run_rhio(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         command.env(key, value);
     }
     command.output().expect("rhio runs")
+}
+
+/// Publishes `count` messages into JetStream (awaiting every ack) and returns when all are stored.
+pub async fn js_publish(
+    nats_url: &str,
+    messages: impl IntoIterator<Item = (String, async_nats::HeaderMap, Vec<u8>)>,
+) {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let mut acks = Vec::new();
+    for (subject, headers, payload) in messages {
+        let ack = js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .expect("publish");
+        acks.push(ack);
+        if acks.len() >= 256 {
+            for ack in acks.drain(..) {
+                ack.await.expect("JetStream ack");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("JetStream ack");
+    }
+}
+
+/// Waits until `stream` holds at least `expected` messages, then returns all of them.
+pub async fn stream_messages(
+    nats_url: &str,
+    stream: &str,
+    expected: u64,
+    timeout: Duration,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = loop {
+        if let Ok(mut stream) = js.get_stream(stream).await
+            && let Ok(info) = stream.info().await
+            && info.state.messages >= expected
+        {
+            break stream;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream {stream} did not reach {expected} messages within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let total = stream.get_info().await.unwrap().state.messages;
+    let mut messages = Vec::with_capacity(total as usize);
+    for seq in 1..=total {
+        messages.push(stream.get_raw_message(seq).await.expect("stored message"));
+    }
+    messages
+}
+
+/// Headers of a stored message as (name, value) pairs.
+pub fn header_pairs(headers: &async_nats::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.to_string(), value.as_str().to_string()))
+        })
+        .collect()
+}
+
+/// A routing section for a node config.
+pub fn publish_toml(subjects: &[&str], stream: &str) -> String {
+    format!("\n[[publish]]\nsubjects = {subjects:?}\nstream = \"{stream}\"\n")
+}
+
+pub fn subscribe_toml(author: &str, subjects: &[&str], stream: &str) -> String {
+    format!(
+        "\n[[subscribe]]\npublic_key = \"{author}\"\nsubjects = {subjects:?}\nstream = \"{stream}\"\n"
+    )
+}
+
+/// Reads a counter from /metrics (0 when absent).
+pub fn metric(node: &RhioNode, name: &str) -> f64 {
+    let (_, text) = http_get(node.spec.http_addr(), "/metrics").unwrap_or_default();
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -1,0 +1,120 @@
+//! Message routing: local JetStream -> signed operations -> other clusters -> their JetStream.
+//!
+//! - [`outbound`]: a durable JetStream consumer per published stream; each message is signed into
+//!   the author's log for its subject and stored before the NATS message is acked.
+//! - the sync protocol ([`crate::network::sync`]) carries operations between nodes;
+//! - [`delivery`]: accepted operations of other authors are published into the local JetStream
+//!   on their original subject, per log in sequence order, exactly once.
+
+pub mod delivery;
+pub mod outbound;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use rhio_core::identity::PublicKey;
+use rhio_core::operation::LogId;
+use rhio_core::sync::Interest;
+
+use crate::config::{Config, PublishConfig};
+
+/// Pause before retrying after NATS or JetStream failed.
+pub(crate) const RETRY: Duration = Duration::from_secs(1);
+
+/// Which authors and subjects this node accepts, and which it sends.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    pub publish: Vec<PublishConfig>,
+    subscribe: BTreeMap<PublicKey, Vec<String>>,
+    /// Stream name -> subjects it must capture (for creating streams).
+    pub subscribe_streams: BTreeMap<String, Vec<String>>,
+}
+
+impl Routes {
+    pub fn from_config(config: &Config) -> Self {
+        let mut subscribe: BTreeMap<PublicKey, Vec<String>> = BTreeMap::new();
+        let mut subscribe_streams: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in &config.subscribe {
+            subscribe
+                .entry(entry.public_key)
+                .or_default()
+                .extend(entry.subjects.iter().cloned());
+            subscribe_streams
+                .entry(entry.stream.clone())
+                .or_default()
+                .extend(entry.subjects.iter().cloned());
+        }
+        Self {
+            publish: config.publish.clone(),
+            subscribe,
+            subscribe_streams,
+        }
+    }
+
+    /// True when operations of `author` in `log` are accepted here.
+    pub fn accepts(&self, author: &PublicKey, log: &LogId) -> bool {
+        match log {
+            LogId::Message(subject) => self
+                .subscribe
+                .get(author)
+                .is_some_and(|filters| rhio_core::subject::matches_any(filters, subject)),
+            LogId::Dataset(_) => false,
+        }
+    }
+
+    pub fn accepts_author(&self, author: &PublicKey) -> bool {
+        self.subscribe.contains_key(author)
+    }
+
+    /// What this node asks every peer for.
+    pub fn interests(&self) -> Vec<Interest> {
+        self.subscribe
+            .iter()
+            .map(|(author, subjects)| Interest {
+                author: *author,
+                subjects: subjects.clone(),
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.publish.is_empty() && self.subscribe.is_empty()
+    }
+}
+
+/// Makes sure `name` exists (creating it with `subjects` when allowed).
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[String],
+    create: bool,
+) -> Result<jetstream::stream::Stream, String> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(stream),
+        Err(err)
+            if matches!(
+                err.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref inner)
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            if !create {
+                return Err(format!(
+                    "JetStream stream {name:?} does not exist; create it (capturing {subjects:?}) or set nats.create_streams = true"
+                ));
+            }
+            js.create_stream(jetstream::stream::Config {
+                name: name.to_string(),
+                subjects: subjects.to_vec(),
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| format!("cannot create JetStream stream {name:?}: {err}"))
+            .inspect(|_| tracing::info!(stream = name, ?subjects, "created JetStream stream"))
+        }
+        Err(err) => Err(format!("cannot look up JetStream stream {name:?}: {err}")),
+    }
+}

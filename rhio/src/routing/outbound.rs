@@ -1,0 +1,181 @@
+//! Signs the messages of one published stream.
+//!
+//! A durable pull consumer (`rhio-publish`) reads the stream in order, starting right after the
+//! stream position stored with the last signed batch. Each batch of messages is signed into the
+//! node's per-subject logs and committed together with the position it reached; only then are
+//! the messages acked. After any failure or restart the consumer is recreated at the stored
+//! position, so a message is neither skipped nor signed twice.
+//! Messages that already carry `X-Rhio-*` headers came from another cluster and are never signed
+//! again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use rhio_core::message::{RoutedMessage, is_routed};
+use rhio_core::operation::LogId;
+use tokio_util::sync::CancellationToken;
+
+use super::{RETRY, ensure_stream};
+use crate::config::PublishConfig;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Name of the durable consumer rhio keeps on each published stream.
+pub const CONSUMER: &str = "rhio-publish";
+/// Most messages signed in one transaction.
+const BATCH: usize = 512;
+
+pub struct Publisher {
+    pub js: jetstream::Context,
+    pub route: PublishConfig,
+    pub create_stream: bool,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+impl Publisher {
+    /// Runs until shutdown, retrying after every NATS or store failure.
+    pub async fn run(self) {
+        let stream = self.route.stream.clone();
+        loop {
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                result = self.consume() => result,
+            };
+            if let Err(err) = result {
+                self.metrics.routing_errors.inc();
+                tracing::warn!(stream, %err, "publishing paused; retrying");
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    async fn consume(&self) -> Result<(), String> {
+        let stream = ensure_stream(
+            &self.js,
+            &self.route.stream,
+            &self.route.subjects,
+            self.create_stream,
+        )
+        .await?;
+        // The store's cursor is the truth about what is signed. Recreating the consumer at the
+        // message after it makes a restart resume exactly there: no message is skipped because a
+        // later one was signed first, none is signed twice.
+        let cursor = self
+            .store
+            .outbound_cursor(&self.route.stream)
+            .await
+            .map_err(|err| err.to_string())?;
+        if let Err(err) = stream.delete_consumer(CONSUMER).await {
+            tracing::debug!(%err, "no previous consumer to replace");
+        }
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                filter_subjects: self.route.subjects.clone(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor + 1,
+                },
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| format!("cannot create consumer {CONSUMER}: {err}"))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|err| format!("cannot read stream: {err}"))?;
+        tracing::info!(stream = %self.route.stream, subjects = ?self.route.subjects, "publishing messages");
+        let mut batches = messages.ready_chunks(BATCH);
+        while let Some(batch) = batches.next().await {
+            let mut messages = Vec::with_capacity(batch.len());
+            let mut failure = None;
+            for message in batch {
+                match message {
+                    Ok(message) => messages.push(message),
+                    Err(err) => {
+                        failure = Some(format!("reading stream: {err}"));
+                        break;
+                    }
+                }
+            }
+            // Sign what arrived before a failure; the restart resumes right after it.
+            self.sign_batch(messages).await?;
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+        }
+        Err("stream of messages ended".into())
+    }
+
+    async fn sign_batch(&self, messages: Vec<jetstream::Message>) -> Result<(), String> {
+        let cursor = self
+            .store
+            .outbound_cursor(&self.route.stream)
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut entries = Vec::with_capacity(messages.len());
+        let mut last_seq = cursor;
+        let mut skipped_routed = 0;
+        for message in &messages {
+            let seq = message
+                .info()
+                .map_err(|err| format!("message without JetStream metadata: {err}"))?
+                .stream_sequence;
+            if seq <= cursor {
+                continue; // signed before a crash, acked too late
+            }
+            last_seq = last_seq.max(seq);
+            let headers: Vec<(String, String)> = message
+                .headers
+                .iter()
+                .flat_map(|map| map.iter())
+                .flat_map(|(name, values)| {
+                    values
+                        .iter()
+                        .map(move |value| (name.to_string(), value.as_str().to_string()))
+                })
+                .collect();
+            if is_routed(headers.iter().map(|(name, _)| name)) {
+                skipped_routed += 1;
+                continue;
+            }
+            let subject = message.subject.to_string();
+            let body =
+                RoutedMessage::new(subject.clone(), headers, message.payload.to_vec()).encode();
+            entries.push((LogId::Message(subject), body));
+        }
+        let signed = entries.len();
+        if signed > 0 || last_seq > cursor {
+            self.store
+                .append_local(entries, Some((self.route.stream.clone(), last_seq)))
+                .await
+                .map_err(|err| err.to_string())?;
+        }
+        self.metrics.operations_signed.inc_by(signed as u64);
+        if skipped_routed > 0 {
+            tracing::debug!(
+                count = skipped_routed,
+                "skipped messages that were routed here"
+            );
+        }
+        // Durable now: ack. A lost ack only means a redelivery that the cursor filters out.
+        for message in &messages {
+            if let Err(err) = message.ack().await {
+                return Err(format!("ack failed: {err}"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,677 @@
+//! The node's durable operation store: every operation it signed or accepted, per author and
+//! log, plus the cursors that make routing exactly-once across restarts.
+//!
+//! SQLite (WAL, `synchronous = FULL`) in `<data_dir>/rhio.sqlite`. One writer task owns all writes
+//! and the in-memory log heads; it drains whatever requests are queued into one transaction
+//! (group commit), so a burst of messages costs one fsync per batch rather than per message.
+//! Readers use the pool directly. Newly committed operations are broadcast to the sync servers
+//! (to push to peers) and to the delivery task (to publish into the local JetStream).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use p2panda_core::Hash;
+use rhio_core::identity::{PrivateKey, PublicKey};
+use rhio_core::operation::{LogId, SignedOperation};
+use rhio_core::sync::{Arrival, ReorderBuffer};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Write requests waiting for the writer.
+const WRITE_QUEUE: usize = 1024;
+/// Committed operations buffered for slow listeners before they must rescan the store.
+const EVENT_CAPACITY: usize = 16 * 1024;
+/// Operations held back while waiting for a predecessor, across all logs.
+const REORDER_CAPACITY: usize = 64 * 1024;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("operation store {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("operation store: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("operation store is shutting down")]
+    Closed,
+    #[error("stored operation is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What happened to one received operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Stored,
+    /// Already stored (same hash).
+    Duplicate,
+    /// Ahead of a gap; stored when its predecessor arrives.
+    Held,
+    /// Ahead of a gap and the reorder buffer is full.
+    Dropped,
+    /// Same author, log and sequence number as a stored operation, but a different one.
+    Conflict,
+    /// Its backlink is not the hash of the stored predecessor.
+    BrokenChain,
+}
+
+/// One log of one author, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogInfo {
+    pub author: PublicKey,
+    pub log: LogId,
+    /// Next sequence number (= number of stored operations).
+    pub next_seq: u64,
+    /// Next sequence number to publish into the local JetStream.
+    pub delivered_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    next_seq: u64,
+    last_hash: Option<Hash>,
+}
+
+enum WriteRequest {
+    AppendLocal {
+        entries: Vec<(LogId, Vec<u8>)>,
+        cursor: Option<(String, u64)>,
+        reply: oneshot::Sender<Result<Vec<Arc<SignedOperation>>, StoreError>>,
+    },
+    InsertRemote {
+        ops: Vec<SignedOperation>,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    MarkDelivered {
+        updates: Vec<(PublicKey, LogId, u64)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writes: mpsc::Sender<WriteRequest>,
+    events: broadcast::Sender<Arc<SignedOperation>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS operations (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    header BLOB NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (author, log, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    next_seq INTEGER NOT NULL,
+    last_hash BLOB NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (author, log)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbound_cursors (
+    stream TEXT PRIMARY KEY,
+    last_stream_seq INTEGER NOT NULL
+);
+";
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn author_of(bytes: &[u8]) -> Result<PublicKey, StoreError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("author is not 32 bytes".into()))?;
+    PublicKey::from_bytes(&bytes).map_err(|err| StoreError::Corrupt(err.to_string()))
+}
+
+fn log_of(key: &str) -> Result<LogId, StoreError> {
+    LogId::from_key(key).ok_or_else(|| StoreError::Corrupt(format!("log key {key:?}")))
+}
+
+impl Store {
+    /// Opens (or creates) the store and starts its writer task.
+    pub async fn open(path: &Path, key: PrivateKey) -> Result<Self, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(open_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Acknowledged means on disk: NATS messages are acked only after this commit.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+
+        let mut heads = HashMap::new();
+        for row in sqlx::query("SELECT author, log, next_seq, last_hash FROM logs")
+            .fetch_all(&pool)
+            .await?
+        {
+            let author = author_of(row.get::<&[u8], _>(0))?;
+            let log = log_of(row.get::<&str, _>(1))?;
+            let hash: [u8; 32] = row
+                .get::<&[u8], _>(3)
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))?;
+            heads.insert(
+                (author, log),
+                Head {
+                    next_seq: row.get::<i64, _>(2) as u64,
+                    last_hash: Some(Hash::from_bytes(hash)),
+                },
+            );
+        }
+
+        let (writes, requests) = mpsc::channel(WRITE_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let writer = Writer {
+            pool: pool.clone(),
+            key,
+            heads,
+            reorder: ReorderBuffer::new(REORDER_CAPACITY),
+            events: events.clone(),
+        };
+        tokio::spawn(writer.run(requests));
+        Ok(Self {
+            pool,
+            writes,
+            events,
+        })
+    }
+
+    /// Newly committed operations, in commit order (each log in sequence order).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SignedOperation>> {
+        self.events.subscribe()
+    }
+
+    /// Signs and stores messages of this node, and records how far the outbound stream was read;
+    /// both in one transaction.
+    pub async fn append_local(
+        &self,
+        entries: Vec<(LogId, Vec<u8>)>,
+        cursor: Option<(String, u64)>,
+    ) -> Result<Vec<Arc<SignedOperation>>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::AppendLocal {
+            entries,
+            cursor,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores verified operations received from peers.
+    pub async fn insert_remote(
+        &self,
+        ops: Vec<SignedOperation>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::InsertRemote { ops, reply }).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records that operations up to (excluding) `next` were published into the local JetStream.
+    pub async fn mark_delivered(
+        &self,
+        updates: Vec<(PublicKey, LogId, u64)>,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::MarkDelivered { updates, reply })
+            .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn send(&self, request: WriteRequest) -> Result<(), StoreError> {
+        self.writes
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Highest stream sequence of `stream` already signed.
+    pub async fn outbound_cursor(&self, stream: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT last_stream_seq FROM outbound_cursors WHERE stream = ?")
+            .bind(stream)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map_or(0, |row| row.get::<i64, _>(0) as u64))
+    }
+
+    /// All logs the store holds.
+    pub async fn logs(&self) -> Result<Vec<LogInfo>, StoreError> {
+        sqlx::query("SELECT author, log, next_seq, delivered_seq FROM logs")
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(LogInfo {
+                    author: author_of(row.get::<&[u8], _>(0))?,
+                    log: log_of(row.get::<&str, _>(1))?,
+                    next_seq: row.get::<i64, _>(2) as u64,
+                    delivered_seq: row.get::<i64, _>(3) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` operations of a log, from sequence number `from` on.
+    pub async fn operations(
+        &self,
+        author: &PublicKey,
+        log: &LogId,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<SignedOperation>, StoreError> {
+        sqlx::query(
+            "SELECT header, body FROM operations WHERE author = ? AND log = ? AND seq >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(author.as_bytes().as_slice())
+        .bind(log.to_key())
+        .bind(from as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|row| {
+            SignedOperation::decode_trusted(row.get(0), row.get(1))
+                .map_err(|err| StoreError::Corrupt(err.to_string()))
+        })
+        .collect()
+    }
+}
+
+/// Owns the log heads and performs every write.
+struct Writer {
+    pool: SqlitePool,
+    key: PrivateKey,
+    heads: HashMap<(PublicKey, LogId), Head>,
+    reorder: ReorderBuffer,
+    events: broadcast::Sender<Arc<SignedOperation>>,
+}
+
+/// Replies to send once the transaction committed.
+enum Reply {
+    Local(
+        oneshot::Sender<Result<Vec<Arc<SignedOperation>>, StoreError>>,
+        Vec<Arc<SignedOperation>>,
+    ),
+    Remote(
+        oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+        Vec<InsertOutcome>,
+    ),
+    Delivered(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn fail(self, err: &sqlx::Error) {
+        let error = || StoreError::Corrupt(format!("write failed: {err}"));
+        match self {
+            Reply::Local(reply, _) => drop(reply.send(Err(error()))),
+            Reply::Remote(reply, _) => drop(reply.send(Err(error()))),
+            Reply::Delivered(reply) => drop(reply.send(Err(error()))),
+        }
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
+        let mut batch = Vec::with_capacity(256);
+        while requests.recv_many(&mut batch, 256).await > 0 {
+            let heads_before = self.heads.clone();
+            let mut replies = Vec::with_capacity(batch.len());
+            let mut committed = Vec::new();
+            let result = self
+                .apply(batch.drain(..), &mut replies, &mut committed)
+                .await;
+            match result {
+                Ok(()) => {
+                    for op in committed {
+                        // No listener is fine: they rescan the store when they start.
+                        let _ = self.events.send(op);
+                    }
+                    for reply in replies {
+                        match reply {
+                            Reply::Local(reply, ops) => drop(reply.send(Ok(ops))),
+                            Reply::Remote(reply, outcomes) => drop(reply.send(Ok(outcomes))),
+                            Reply::Delivered(reply) => drop(reply.send(Ok(()))),
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(%err, "operation store write failed");
+                    // The transaction rolled back: so must the heads.
+                    self.heads = heads_before;
+                    for reply in replies {
+                        reply.fail(&err);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        requests: impl Iterator<Item = WriteRequest>,
+        replies: &mut Vec<Reply>,
+        committed: &mut Vec<Arc<SignedOperation>>,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for request in requests {
+            match request {
+                WriteRequest::AppendLocal {
+                    entries,
+                    cursor,
+                    reply,
+                } => {
+                    let author = self.key.public_key();
+                    let mut ops = Vec::with_capacity(entries.len());
+                    for (log, body) in entries {
+                        let head = self.head(&author, &log);
+                        let op = SignedOperation::sign(
+                            &self.key,
+                            log,
+                            head.next_seq,
+                            head.last_hash,
+                            now_micros(),
+                            body,
+                        );
+                        self.insert(&mut tx, &op).await?;
+                        let op = Arc::new(op);
+                        committed.push(op.clone());
+                        ops.push(op);
+                    }
+                    if let Some((stream, seq)) = cursor {
+                        sqlx::query(
+                            "INSERT INTO outbound_cursors (stream, last_stream_seq) VALUES (?, ?)
+                             ON CONFLICT (stream) DO UPDATE SET last_stream_seq = MAX(last_stream_seq, excluded.last_stream_seq)",
+                        )
+                        .bind(stream)
+                        .bind(seq as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    replies.push(Reply::Local(reply, ops));
+                }
+                WriteRequest::InsertRemote { ops, reply } => {
+                    let mut outcomes = Vec::with_capacity(ops.len());
+                    for op in ops {
+                        let outcome = self.insert_remote(&mut tx, op, committed).await?;
+                        outcomes.push(outcome);
+                    }
+                    replies.push(Reply::Remote(reply, outcomes));
+                }
+                WriteRequest::MarkDelivered { updates, reply } => {
+                    for (author, log, next) in updates {
+                        sqlx::query(
+                            "UPDATE logs SET delivered_seq = MAX(delivered_seq, ?) WHERE author = ? AND log = ?",
+                        )
+                        .bind(next as i64)
+                        .bind(author.as_bytes().as_slice())
+                        .bind(log.to_key())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    replies.push(Reply::Delivered(reply));
+                }
+            }
+        }
+        tx.commit().await
+    }
+
+    fn head(&self, author: &PublicKey, log: &LogId) -> Head {
+        self.heads
+            .get(&(*author, log.clone()))
+            .copied()
+            .unwrap_or(Head {
+                next_seq: 0,
+                last_hash: None,
+            })
+    }
+
+    async fn insert_remote(
+        &mut self,
+        tx: &mut sqlx::SqliteConnection,
+        op: SignedOperation,
+        committed: &mut Vec<Arc<SignedOperation>>,
+    ) -> Result<InsertOutcome, sqlx::Error> {
+        let author = op.author();
+        let log = op.log().clone();
+        let head = self.head(&author, &log);
+        let (arrival, op) = self.reorder.arrive(op, head.next_seq);
+        match arrival {
+            Arrival::Held => return Ok(InsertOutcome::Held),
+            Arrival::Dropped => return Ok(InsertOutcome::Dropped),
+            Arrival::Old => {
+                let op = op.expect("old operations are returned");
+                let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT hash FROM operations WHERE author = ? AND log = ? AND seq = ?",
+                )
+                .bind(author.as_bytes().as_slice())
+                .bind(log.to_key())
+                .bind(op.seq() as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+                return Ok(match stored {
+                    Some(hash) if hash == op.hash.as_bytes() => InsertOutcome::Duplicate,
+                    _ => InsertOutcome::Conflict,
+                });
+            }
+            Arrival::Next => {}
+        }
+        let mut next = op.expect("next operations are returned");
+        let mut outcome = None;
+        loop {
+            let head = self.head(&author, &log);
+            if next.backlink() != head.last_hash {
+                // The first one decides the outcome; later held ones just stay out.
+                outcome.get_or_insert(InsertOutcome::BrokenChain);
+                break;
+            }
+            self.insert(tx, &next).await?;
+            committed.push(Arc::new(next));
+            outcome.get_or_insert(InsertOutcome::Stored);
+            match self.reorder.take_ready(&author, &log, head.next_seq + 1) {
+                Some(held) => next = held,
+                None => break,
+            }
+        }
+        Ok(outcome.unwrap_or(InsertOutcome::Stored))
+    }
+
+    async fn insert(
+        &mut self,
+        tx: &mut sqlx::SqliteConnection,
+        op: &SignedOperation,
+    ) -> Result<(), sqlx::Error> {
+        let author = op.author();
+        let log_key = op.log().to_key();
+        sqlx::query(
+            "INSERT INTO operations (author, log, seq, hash, header, body) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(author.as_bytes().as_slice())
+        .bind(&log_key)
+        .bind(op.seq() as i64)
+        .bind(op.hash.as_bytes().as_slice())
+        .bind(op.header_bytes.as_slice())
+        .bind(op.body.as_slice())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO logs (author, log, next_seq, last_hash) VALUES (?, ?, ?, ?)
+             ON CONFLICT (author, log) DO UPDATE SET next_seq = excluded.next_seq, last_hash = excluded.last_hash",
+        )
+        .bind(author.as_bytes().as_slice())
+        .bind(&log_key)
+        .bind((op.seq() + 1) as i64)
+        .bind(op.hash.as_bytes().as_slice())
+        .execute(&mut *tx)
+        .await?;
+        self.heads.insert(
+            (author, op.log().clone()),
+            Head {
+                next_seq: op.seq() + 1,
+                last_hash: Some(op.hash),
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote_chain(key: &PrivateKey, subject: &str, n: u64) -> Vec<SignedOperation> {
+        let mut ops: Vec<SignedOperation> = Vec::new();
+        for seq in 0..n {
+            let backlink = ops.last().map(|op| op.hash);
+            ops.push(SignedOperation::sign(
+                key,
+                LogId::Message(subject.into()),
+                seq,
+                backlink,
+                seq,
+                vec![1, seq as u8],
+            ));
+        }
+        ops
+    }
+
+    #[tokio::test]
+    async fn local_appends_chain_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PrivateKey::generate();
+        let path = dir.path().join("rhio.sqlite");
+        let store = Store::open(&path, key.clone()).await.unwrap();
+        let log = LogId::Message("a.b".into());
+        let ops = store
+            .append_local(
+                vec![
+                    (log.clone(), b"one".to_vec()),
+                    (log.clone(), b"two".to_vec()),
+                ],
+                Some(("S".into(), 7)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ops[0].seq(), 0);
+        assert_eq!(ops[1].seq(), 1);
+        ops[1].follows(&ops[0]).unwrap();
+        assert_eq!(store.outbound_cursor("S").await.unwrap(), 7);
+        drop(store);
+
+        let store = Store::open(&path, key.clone()).await.unwrap();
+        let more = store
+            .append_local(vec![(log.clone(), b"three".to_vec())], None)
+            .await
+            .unwrap();
+        assert_eq!(more[0].seq(), 2);
+        assert_eq!(more[0].backlink(), Some(ops[1].hash));
+        let read = store
+            .operations(&key.public_key(), &log, 1, 10)
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[0].hash, ops[1].hash);
+    }
+
+    #[tokio::test]
+    async fn remote_inserts_reorder_deduplicate_and_detect_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.sqlite"), PrivateKey::generate())
+            .await
+            .unwrap();
+        let author = PrivateKey::generate();
+        let ops = remote_chain(&author, "x.y", 4);
+        let mut events = store.subscribe();
+
+        let outcomes = store
+            .insert_remote(vec![ops[2].clone(), ops[1].clone()])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![InsertOutcome::Held, InsertOutcome::Held]);
+        let outcomes = store
+            .insert_remote(vec![ops[0].clone(), ops[0].clone(), ops[3].clone()])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                InsertOutcome::Stored,
+                InsertOutcome::Duplicate,
+                InsertOutcome::Stored
+            ]
+        );
+        for expected in 0..4 {
+            assert_eq!(events.recv().await.unwrap().seq(), expected);
+        }
+
+        // Same position, different content: a fork by the author.
+        let fork = SignedOperation::sign(
+            &author,
+            LogId::Message("x.y".into()),
+            1,
+            Some(ops[0].hash),
+            99,
+            b"fork".to_vec(),
+        );
+        assert_eq!(
+            store.insert_remote(vec![fork]).await.unwrap(),
+            vec![InsertOutcome::Conflict]
+        );
+
+        let logs = store.logs().await.unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(logs[0].next_seq, 4);
+        assert_eq!(logs[0].delivered_seq, 0);
+        store
+            .mark_delivered(vec![(author.public_key(), LogId::Message("x.y".into()), 3)])
+            .await
+            .unwrap();
+        assert_eq!(store.logs().await.unwrap()[0].delivered_seq, 3);
+    }
+
+    #[tokio::test]
+    async fn broken_backlink_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.sqlite"), PrivateKey::generate())
+            .await
+            .unwrap();
+        let author = PrivateKey::generate();
+        let ops = remote_chain(&author, "x.y", 1);
+        store.insert_remote(vec![ops[0].clone()]).await.unwrap();
+        let bad = SignedOperation::sign(
+            &author,
+            LogId::Message("x.y".into()),
+            1,
+            Some(Hash::digest(b"other")),
+            1,
+            b"b".to_vec(),
+        );
+        assert_eq!(
+            store.insert_remote(vec![bad]).await.unwrap(),
+            vec![InsertOutcome::BrokenChain]
+        );
+        assert_eq!(store.logs().await.unwrap()[0].next_seq, 1);
+    }
+}

@@ -1,0 +1,456 @@
+//! Signed message routing between clusters, each with its own NATS (JetStream) and S3, over
+//! loopback QUIC.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use common::{
+    LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, stream_messages,
+    subscribe_toml, wait_for,
+};
+use rhio_core::message::{HEADER_MSG_ID, verify_provenance};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn payload(i: usize, size: usize) -> Vec<u8> {
+    let mut bytes = format!("message {i:06} ").into_bytes();
+    bytes.resize(size, b'x');
+    bytes
+}
+
+fn numbered(subject: &str, i: usize, size: usize) -> (String, HeaderMap, Vec<u8>) {
+    let mut headers = HeaderMap::new();
+    headers.insert("Seq", i.to_string().as_str());
+    (subject.to_string(), headers, payload(i, size))
+}
+
+/// Checks that `messages` are exactly `expected` per subject, in order, each with valid
+/// provenance by `author`, and no duplicates.
+fn assert_routed(
+    messages: &[async_nats::jetstream::message::StreamMessage],
+    author: &str,
+    expected: &[(String, usize)],
+) {
+    if messages.len() != expected.len() {
+        let ids: HashSet<String> = messages
+            .iter()
+            .map(|m| {
+                m.headers
+                    .get(HEADER_MSG_ID)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let seqs: HashSet<String> = messages
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    m.subject,
+                    m.headers
+                        .get("Seq")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        panic!(
+            "expected {} messages, got {} ({} distinct operations, {} distinct subject/Seq)",
+            expected.len(),
+            messages.len(),
+            ids.len(),
+            seqs.len()
+        );
+    }
+    // Order is guaranteed per (author, subject), not across subjects: compare per subject.
+    let mut ids = HashSet::new();
+    let mut received: std::collections::BTreeMap<
+        String,
+        Vec<&async_nats::jetstream::message::StreamMessage>,
+    > = Default::default();
+    for message in messages {
+        received
+            .entry(message.subject.to_string())
+            .or_default()
+            .push(message);
+    }
+    let mut wanted: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (subject, i) in expected {
+        wanted.entry(subject.clone()).or_default().push(*i);
+    }
+    assert_eq!(
+        received.keys().collect::<Vec<_>>(),
+        wanted.keys().collect::<Vec<_>>(),
+        "subjects"
+    );
+    for (subject, numbers) in &wanted {
+        let got = &received[subject];
+        assert_eq!(got.len(), numbers.len(), "messages on {subject}");
+        for (seq, (message, i)) in got.iter().zip(numbers).enumerate() {
+            assert_eq!(
+                message.headers.get("Seq").unwrap().as_str(),
+                i.to_string(),
+                "order on {subject}"
+            );
+            assert_eq!(
+                message.payload.as_ref(),
+                payload(*i, message.payload.len()).as_slice()
+            );
+            let headers = header_pairs(&message.headers);
+            let proof = verify_provenance(subject, &headers, &message.payload)
+                .unwrap_or_else(|err| panic!("message {i} on {subject}: {err}"));
+            assert_eq!(proof.author.to_hex(), author);
+            assert_eq!(proof.seq, seq as u64, "author's log order on {subject}");
+            let id = message.headers.get(HEADER_MSG_ID).unwrap().to_string();
+            assert!(ids.insert(id), "duplicate operation");
+        }
+    }
+}
+
+struct Pair {
+    env: LocalEnv,
+    _dirs: [tempfile::TempDir; 2],
+    a: NodeSpec,
+    b: NodeSpec,
+    key_a: String,
+}
+
+/// Cluster A publishes `subjects` (stream OUT); cluster B subscribes to A on them (stream IN).
+fn pair(subjects: &[&str]) -> Pair {
+    let env = LocalEnv::up(2);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
+    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
+    let key_a = a.public_key();
+    a.known_nodes.push((b.public_key(), b.quic_port));
+    b.known_nodes.push((key_a.clone(), a.quic_port));
+    a.extra = publish_toml(subjects, "OUT");
+    b.extra = subscribe_toml(&key_a, subjects, "IN");
+    Pair {
+        env,
+        _dirs: dirs,
+        a,
+        b,
+        key_a,
+    }
+}
+
+#[test]
+fn burst_of_5000_arrives_exactly_once_in_order_with_provenance() {
+    let pair = pair(&["burst.>"]);
+    let node_a = RhioNode::start(pair.a.clone());
+    let node_b = RhioNode::start(pair.b.clone());
+    node_a.wait_peers_connected(1);
+    node_b.wait_peers_connected(1);
+
+    let rt = runtime();
+    let count = 5000;
+    // Two subjects interleaved: order is per (author, subject).
+    let expected: Vec<(String, usize)> = (0..count)
+        .map(|i| (format!("burst.{}", i % 2), i))
+        .collect();
+    rt.block_on(js_publish(
+        &pair.env.clusters[0].nats_url,
+        expected
+            .iter()
+            .map(|(subject, i)| numbered(subject, *i, 1024)),
+    ));
+    let messages = rt.block_on(stream_messages(
+        &pair.env.clusters[1].nats_url,
+        "IN",
+        count as u64,
+        Duration::from_secs(180),
+    ));
+    assert_routed(&messages, &pair.key_a, &expected);
+    assert_eq!(
+        metric(&node_a, "rhio_operations_signed_total"),
+        count as f64
+    );
+    // Nothing more trickles in later.
+    std::thread::sleep(Duration::from_secs(1));
+    let again = rt.block_on(stream_messages(
+        &pair.env.clusters[1].nats_url,
+        "IN",
+        count as u64,
+        Duration::from_secs(5),
+    ));
+    assert_eq!(again.len(), count);
+}
+
+#[test]
+fn stopped_node_catches_up_and_receiving_nats_restart_loses_nothing() {
+    let pair = pair(&["news.*"]);
+    let node_a = RhioNode::start(pair.a.clone());
+    let mut node_b = RhioNode::start(pair.b.clone());
+    node_b.wait_peers_connected(1);
+    let rt = runtime();
+    let a_nats = pair.env.clusters[0].nats_url.clone();
+    let b_nats = pair.env.clusters[1].nats_url.clone();
+
+    rt.block_on(js_publish(
+        &a_nats,
+        (0..10).map(|i| numbered("news.x", i, 100)),
+    ));
+    rt.block_on(stream_messages(&b_nats, "IN", 10, Duration::from_secs(60)));
+
+    // B is down while 1,000 messages are published in A.
+    node_b.kill();
+    rt.block_on(js_publish(
+        &a_nats,
+        (10..1010).map(|i| numbered("news.x", i, 100)),
+    ));
+    wait_for("A to sign while B is down", Duration::from_secs(60), || {
+        (metric(&node_a, "rhio_operations_signed_total") == 1010.0).then_some(())
+    });
+    let node_b = RhioNode::start(pair.b.clone());
+    let messages = rt.block_on(stream_messages(
+        &b_nats,
+        "IN",
+        1010,
+        Duration::from_secs(120),
+    ));
+    let expected: Vec<_> = (0..1010).map(|i| ("news.x".to_string(), i)).collect();
+    assert_routed(&messages, &pair.key_a, &expected);
+
+    // B's NATS goes down while A publishes: B holds the operations and delivers them later.
+    pair.env.stop("nats-b");
+    rt.block_on(js_publish(
+        &a_nats,
+        (1010..1510).map(|i| numbered("news.x", i, 100)),
+    ));
+    wait_for(
+        "B to store what it cannot deliver",
+        Duration::from_secs(60),
+        || (metric(&node_b, "rhio_operations_received_total") >= 1500.0).then_some(()),
+    );
+    pair.env.start("nats-b");
+    let messages = rt.block_on(stream_messages(
+        &b_nats,
+        "IN",
+        1510,
+        Duration::from_secs(120),
+    ));
+    let expected: Vec<_> = (0..1510).map(|i| ("news.x".to_string(), i)).collect();
+    assert_routed(&messages, &pair.key_a, &expected);
+}
+
+#[test]
+fn three_clusters_in_a_line_forward_the_first_authors_messages() {
+    let env = LocalEnv::up(3);
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
+    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
+    let mut c = NodeSpec::for_cluster(&env.clusters[2], dirs[2].path());
+    let (key_a, key_b, key_c) = (a.public_key(), b.public_key(), c.public_key());
+    // A - B - C: C only knows B.
+    a.known_nodes.push((key_b.clone(), b.quic_port));
+    b.known_nodes.push((key_a.clone(), a.quic_port));
+    b.known_nodes.push((key_c.clone(), c.quic_port));
+    c.known_nodes.push((key_b.clone(), b.quic_port));
+    a.extra = publish_toml(&["line.>"], "OUT");
+    b.extra = subscribe_toml(&key_a, &["line.>"], "IN");
+    c.extra = subscribe_toml(&key_a, &["line.>"], "IN");
+    let _a = RhioNode::start(a);
+    let node_b = RhioNode::start(b);
+    let node_c = RhioNode::start(c);
+    node_b.wait_peers_connected(2);
+    node_c.wait_peers_connected(1);
+
+    let rt = runtime();
+    // A message that was routed already (it carries rhio headers) is never signed again.
+    let mut routed = HeaderMap::new();
+    routed.insert("X-Rhio-PublicKey", key_b.as_str());
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        std::iter::once(("line.loop".to_string(), routed, b"echo".to_vec()))
+            .chain((0..200).map(|i| numbered("line.a", i, 512))),
+    ));
+    let expected: Vec<_> = (0..200).map(|i| ("line.a".to_string(), i)).collect();
+    let at_c = rt.block_on(stream_messages(
+        &env.clusters[2].nats_url,
+        "IN",
+        200,
+        Duration::from_secs(120),
+    ));
+    assert_routed(&at_c, &key_a, &expected);
+    let at_b = rt.block_on(stream_messages(
+        &env.clusters[1].nats_url,
+        "IN",
+        200,
+        Duration::from_secs(60),
+    ));
+    assert_routed(&at_b, &key_a, &expected);
+}
+
+#[test]
+fn unknown_streams_fail_the_start_when_creation_is_off() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], dir.path());
+    spec.create_streams = false;
+    spec.extra = publish_toml(&["x.>"], "MISSING");
+    let mut node = RhioNode::start(spec);
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = node.log();
+    assert!(log.contains("\"MISSING\" does not exist"), "{log}");
+    assert!(log.contains("nats.create_streams"), "{log}");
+}
+
+/// A peer that answers a sync request with the frames it was given, then stays connected.
+#[derive(Debug, Clone)]
+struct ForgingPeer {
+    frames: std::sync::Arc<Vec<rhio_core::sync::Frame>>,
+}
+
+impl iroh::protocol::ProtocolHandler for ForgingPeer {
+    async fn accept(
+        &self,
+        connection: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        use rhio::network::sync::{read_frame, write_frame};
+        let (mut send, mut recv) = connection.accept_bi().await?;
+        let _request = read_frame(&mut recv).await;
+        for frame in self.frames.iter() {
+            if write_frame(&mut send, frame).await.is_err() {
+                return Ok(());
+            }
+        }
+        let _ = write_frame(&mut send, &rhio_core::sync::Frame::CaughtUp).await;
+        connection.closed().await;
+        Ok(())
+    }
+}
+
+#[test]
+fn forged_tampered_and_unauthorized_operations_are_rejected() {
+    use rhio_core::identity::PrivateKey;
+    use rhio_core::message::RoutedMessage;
+    use rhio_core::operation::{LogId, SignedOperation};
+    use rhio_core::sync::Frame;
+
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let forger = PrivateKey::generate();
+    let stranger = PrivateKey::generate();
+    let forger_port = common::free_udp_port();
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], dir.path());
+    spec.known_nodes
+        .push((forger.public_key().to_hex(), forger_port));
+    spec.extra = subscribe_toml(&forger.public_key().to_hex(), &["allowed.>"], "IN");
+
+    let message = |subject: &str, i: usize| {
+        let (subject, headers, payload) = numbered(subject, i, 64);
+        RoutedMessage::new(subject, common::header_pairs(&headers), payload).encode()
+    };
+    let sign = |key: &PrivateKey, subject: &str, seq: u64, backlink, body: Vec<u8>| {
+        SignedOperation::sign(key, LogId::Message(subject.into()), seq, backlink, 1, body)
+    };
+    let first = sign(&forger, "allowed.x", 0, None, message("allowed.x", 0));
+    let second = sign(
+        &forger,
+        "allowed.x",
+        1,
+        Some(first.hash),
+        message("allowed.x", 1),
+    );
+    let mut tampered = Frame::operation(&second);
+    if let Frame::Operation { body, .. } = &mut tampered {
+        let last = body.len() - 1;
+        body[last] ^= 1;
+    }
+    let frames = vec![
+        Frame::operation(&first),
+        tampered,
+        Frame::operation(&sign(
+            &stranger,
+            "allowed.x",
+            0,
+            None,
+            message("allowed.x", 0),
+        )),
+        Frame::operation(&sign(&forger, "other.y", 0, None, message("other.y", 0))),
+        Frame::operation(&sign(
+            &forger,
+            "allowed.z",
+            0,
+            None,
+            b"not a message".to_vec(),
+        )),
+        Frame::operation(&second),
+    ];
+
+    let rt = runtime();
+    let _endpoint = rt.block_on(async {
+        use p2panda_net::iroh_endpoint::IrohConfig;
+        let address_book = p2panda_net::AddressBook::builder().spawn().await.unwrap();
+        let endpoint = p2panda_net::Endpoint::builder(address_book)
+            .network_id(rhio_core::network::network_id("rhio-test"))
+            .signing_key(forger.signing_key().clone())
+            .config(IrohConfig {
+                bind_ip_v4: std::net::Ipv4Addr::LOCALHOST,
+                bind_port_v4: forger_port,
+                bind_ip_v6: std::net::Ipv6Addr::LOCALHOST,
+                bind_port_v6: 0,
+            })
+            .spawn()
+            .await
+            .unwrap();
+        endpoint
+            .accept(
+                rhio::network::sync::SYNC_ALPN,
+                ForgingPeer {
+                    frames: std::sync::Arc::new(frames),
+                },
+            )
+            .await
+            .unwrap();
+        endpoint
+    });
+
+    let node = RhioNode::start(spec);
+    node.wait_healthy();
+    let messages = rt.block_on(stream_messages(
+        &env.clusters[0].nats_url,
+        "IN",
+        2,
+        Duration::from_secs(60),
+    ));
+    let expected: Vec<_> = (0..2).map(|i| ("allowed.x".to_string(), i)).collect();
+    assert_routed(&messages, &forger.public_key().to_hex(), &expected);
+    for reason in [
+        "invalid",
+        "author_not_allowed",
+        "subject_not_allowed",
+        "malformed_body",
+    ] {
+        let name = format!("rhio_operations_rejected_total{{reason=\"{reason}\"}}");
+        wait_for(&name, Duration::from_secs(30), || {
+            (metric(&node, &name) >= 1.0).then_some(())
+        });
+    }
+    // The node keeps running and healthy, and published nothing else.
+    assert_eq!(node.health().unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let again = rt.block_on(stream_messages(
+        &env.clusters[0].nats_url,
+        "IN",
+        2,
+        Duration::from_secs(5),
+    ));
+    assert_eq!(again.len(), 2);
+    assert!(node.log().contains("rejected operation"));
+}
