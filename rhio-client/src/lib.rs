@@ -1,7 +1,8 @@
 //! `rhio-client`: talk to a rhio node through its cluster's NATS server.
 //!
-//! This first cut asks a node for its status and makes node keys; import, publish, subscribe,
-//! dataset listing and verification follow the node features they drive.
+//! Ask a node for its status, publish messages for rhio to route, follow routed messages with
+//! their provenance checked, and make node keys. Import, dataset listing and verification follow
+//! the node features they drive.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), rhio_client::ClientError> {
@@ -88,6 +89,86 @@ impl Client {
             subject: subject.into(),
             reason: err.to_string(),
         })
+    }
+}
+
+/// A message as a subscriber sees it, with the result of checking its provenance.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+    /// `Ok` with author and position when the `X-Rhio-*` headers verify; the reason otherwise
+    /// (a local message that was never routed has no such headers).
+    pub provenance: Result<rhio_core::message::Provenance, rhio_core::message::ProvenanceError>,
+}
+
+impl Client {
+    /// Publishes into JetStream and waits for the stream's acknowledgement, so the message is
+    /// stored (and will be routed if a `publish` entry of the node covers the subject).
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers {
+            map.append(name.as_str(), value.as_str());
+        }
+        let failed = |reason: String| ClientError::Request {
+            subject: subject.into(),
+            reason,
+        };
+        let ack = js
+            .publish_with_headers(subject.to_string(), map, payload.into())
+            .await
+            .map_err(|err| failed(err.to_string()))?
+            .await
+            .map_err(|err| {
+                failed(format!(
+                    "{err} (is there a JetStream stream capturing {subject}?)"
+                ))
+            })?;
+        Ok(ack.sequence)
+    }
+
+    /// Follows messages on `subject` (wildcards allowed) and checks each one's provenance.
+    pub async fn subscribe(
+        &self,
+        subject: &str,
+    ) -> Result<impl futures::Stream<Item = ReceivedMessage> + use<>, ClientError> {
+        use futures::StreamExt;
+        let subscriber = self
+            .nats
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|err| ClientError::Request {
+                subject: subject.into(),
+                reason: err.to_string(),
+            })?;
+        Ok(subscriber.map(|message| {
+            let headers: Vec<(String, String)> = message
+                .headers
+                .iter()
+                .flat_map(|map| map.iter())
+                .flat_map(|(name, values)| {
+                    values
+                        .iter()
+                        .map(move |value| (name.to_string(), value.as_str().to_string()))
+                })
+                .collect();
+            let subject = message.subject.to_string();
+            let provenance =
+                rhio_core::message::verify_provenance(&subject, &headers, &message.payload);
+            ReceivedMessage {
+                subject,
+                headers,
+                payload: message.payload.to_vec(),
+                provenance,
+            }
+        }))
     }
 }
 

@@ -26,6 +26,22 @@ struct Args {
 enum Command {
     /// Print the node's status (peers, NATS, S3) as JSON.
     Status,
+    /// Publish a message into the cluster's JetStream (rhio routes it when configured to).
+    Publish {
+        subject: String,
+        /// Message body (UTF-8).
+        message: String,
+        /// Header as NAME:VALUE (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
+    /// Print messages on SUBJECT (wildcards allowed) with author and verification result.
+    Subscribe {
+        subject: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Make a new node key; prints the public key.
     Keygen {
         /// Write the private key to this file (mode 0600; never overwrites).
@@ -52,6 +68,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let client = rhio_client::Client::connect(&args.nats).await?;
             let status = client.status().await?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        Command::Publish {
+            subject,
+            message,
+            headers,
+        } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("header {h:?} is not NAME:VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let seq = client
+                .publish(&subject, &headers, message.into_bytes())
+                .await?;
+            println!("published {subject} (stream sequence {seq})");
+        }
+        Command::Subscribe { subject, count } => {
+            use futures::StreamExt;
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let messages = client.subscribe(&subject).await?;
+            let mut messages = std::pin::pin!(messages.take(count.unwrap_or(usize::MAX)));
+            eprintln!("listening on {subject}");
+            while let Some(message) = messages.next().await {
+                let origin = match &message.provenance {
+                    Ok(proof) => format!("author {} seq {} verified", proof.author, proof.seq),
+                    Err(err) => format!("not verified: {err}"),
+                };
+                println!(
+                    "{} [{}] {}",
+                    message.subject,
+                    origin,
+                    String::from_utf8_lossy(&message.payload)
+                );
+            }
         }
         Command::Keygen { out } => {
             let (private, public) = rhio_client::generate_key();

@@ -146,7 +146,7 @@ pub fn provenance_headers(operation: &SignedOperation) -> [(&'static str, String
     ]
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProvenanceError {
     #[error("header {0} is missing")]
     Missing(&'static str),

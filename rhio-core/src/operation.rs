@@ -60,7 +60,7 @@ pub struct RhioExtensions {
 
 pub type RhioHeader = Header<RhioExtensions>;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum OperationError {
     #[error("{what} is {size} bytes, more than the {max} allowed")]
     TooLarge {

@@ -28,6 +28,8 @@ const WRITE_QUEUE: usize = 1024;
 const EVENT_CAPACITY: usize = 16 * 1024;
 /// Operations held back while waiting for a predecessor, across all logs.
 const REORDER_CAPACITY: usize = 64 * 1024;
+/// Longest a delivered position waits for a transaction to ride along with.
+const DELIVERED_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -84,8 +86,13 @@ enum WriteRequest {
         ops: Vec<SignedOperation>,
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
+    /// Positions are written with the next transaction (or after [`DELIVERED_FLUSH`] idle): a
+    /// position lost in a crash only means a repeat that JetStream drops by `Nats-Msg-Id`.
     MarkDelivered {
         updates: Vec<(PublicKey, LogId, u64)>,
+    },
+    /// Commits whatever is pending (delivered positions) now.
+    Flush {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -140,6 +147,29 @@ fn log_of(key: &str) -> Result<LogId, StoreError> {
     LogId::from_key(key).ok_or_else(|| StoreError::Corrupt(format!("log key {key:?}")))
 }
 
+async fn load_heads(pool: &SqlitePool) -> Result<HashMap<(PublicKey, LogId), Head>, StoreError> {
+    let mut heads = HashMap::new();
+    for row in sqlx::query("SELECT author, log, next_seq, last_hash FROM logs")
+        .fetch_all(pool)
+        .await?
+    {
+        let author = author_of(row.get::<&[u8], _>(0))?;
+        let log = log_of(row.get::<&str, _>(1))?;
+        let hash: [u8; 32] = row
+            .get::<&[u8], _>(3)
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))?;
+        heads.insert(
+            (author, log),
+            Head {
+                next_seq: row.get::<i64, _>(2) as u64,
+                last_hash: Some(Hash::from_bytes(hash)),
+            },
+        );
+    }
+    Ok(heads)
+}
+
 impl Store {
     /// Opens (or creates) the store and starts its writer task.
     pub async fn open(path: &Path, key: PrivateKey) -> Result<Self, StoreError> {
@@ -161,32 +191,15 @@ impl Store {
             .map_err(open_error)?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
 
-        let mut heads = HashMap::new();
-        for row in sqlx::query("SELECT author, log, next_seq, last_hash FROM logs")
-            .fetch_all(&pool)
-            .await?
-        {
-            let author = author_of(row.get::<&[u8], _>(0))?;
-            let log = log_of(row.get::<&str, _>(1))?;
-            let hash: [u8; 32] = row
-                .get::<&[u8], _>(3)
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))?;
-            heads.insert(
-                (author, log),
-                Head {
-                    next_seq: row.get::<i64, _>(2) as u64,
-                    last_hash: Some(Hash::from_bytes(hash)),
-                },
-            );
-        }
-
+        let heads = load_heads(&pool).await?;
         let (writes, requests) = mpsc::channel(WRITE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let writer = Writer {
             pool: pool.clone(),
             key,
             heads,
+            dirty: HashMap::new(),
+            delivered: HashMap::new(),
             reorder: ReorderBuffer::new(REORDER_CAPACITY),
             events: events.clone(),
         };
@@ -231,13 +244,18 @@ impl Store {
     }
 
     /// Records that operations up to (excluding) `next` were published into the local JetStream.
+    /// Written lazily (see [`WriteRequest::MarkDelivered`]).
     pub async fn mark_delivered(
         &self,
         updates: Vec<(PublicKey, LogId, u64)>,
     ) -> Result<(), StoreError> {
+        self.send(WriteRequest::MarkDelivered { updates }).await
+    }
+
+    /// Writes pending delivered positions now (used at shutdown and by tests).
+    pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(WriteRequest::MarkDelivered { updates, reply })
-            .await?;
+        self.send(WriteRequest::Flush { reply }).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -305,6 +323,10 @@ struct Writer {
     pool: SqlitePool,
     key: PrivateKey,
     heads: HashMap<(PublicKey, LogId), Head>,
+    /// Logs whose head changed in the open transaction.
+    dirty: HashMap<(PublicKey, LogId), Head>,
+    /// Delivered positions not written yet.
+    delivered: HashMap<(PublicKey, LogId), u64>,
     reorder: ReorderBuffer,
     events: broadcast::Sender<Arc<SignedOperation>>,
 }
@@ -319,7 +341,7 @@ enum Reply {
         oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
         Vec<InsertOutcome>,
     ),
-    Delivered(oneshot::Sender<Result<(), StoreError>>),
+    Flushed(oneshot::Sender<Result<(), StoreError>>),
 }
 
 impl Reply {
@@ -328,7 +350,7 @@ impl Reply {
         match self {
             Reply::Local(reply, _) => drop(reply.send(Err(error()))),
             Reply::Remote(reply, _) => drop(reply.send(Err(error()))),
-            Reply::Delivered(reply) => drop(reply.send(Err(error()))),
+            Reply::Flushed(reply) => drop(reply.send(Err(error()))),
         }
     }
 }
@@ -336,8 +358,28 @@ impl Reply {
 impl Writer {
     async fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
         let mut batch = Vec::with_capacity(256);
-        while requests.recv_many(&mut batch, 256).await > 0 {
-            let heads_before = self.heads.clone();
+        loop {
+            let received = if self.delivered.is_empty() {
+                requests.recv_many(&mut batch, 256).await
+            } else {
+                match tokio::time::timeout(DELIVERED_FLUSH, requests.recv_many(&mut batch, 256))
+                    .await
+                {
+                    Ok(received) => received,
+                    Err(_) => 0, // idle: commit the delivered positions alone
+                }
+            };
+            if received == 0 && (requests.is_closed() || self.delivered.is_empty()) {
+                if requests.is_closed() && !self.delivered.is_empty() {
+                    let _ = self
+                        .apply(std::iter::empty(), &mut Vec::new(), &mut Vec::new())
+                        .await;
+                }
+                if requests.is_closed() {
+                    return;
+                }
+                continue;
+            }
             let mut replies = Vec::with_capacity(batch.len());
             let mut committed = Vec::new();
             let result = self
@@ -353,14 +395,18 @@ impl Writer {
                         match reply {
                             Reply::Local(reply, ops) => drop(reply.send(Ok(ops))),
                             Reply::Remote(reply, outcomes) => drop(reply.send(Ok(outcomes))),
-                            Reply::Delivered(reply) => drop(reply.send(Ok(()))),
+                            Reply::Flushed(reply) => drop(reply.send(Ok(()))),
                         }
                     }
                 }
                 Err(err) => {
                     tracing::error!(%err, "operation store write failed");
                     // The transaction rolled back: so must the heads.
-                    self.heads = heads_before;
+                    self.dirty.clear();
+                    match load_heads(&self.pool).await {
+                        Ok(heads) => self.heads = heads,
+                        Err(err) => tracing::error!(%err, "cannot reload log heads"),
+                    }
                     for reply in replies {
                         reply.fail(&err);
                     }
@@ -420,20 +466,38 @@ impl Writer {
                     }
                     replies.push(Reply::Remote(reply, outcomes));
                 }
-                WriteRequest::MarkDelivered { updates, reply } => {
+                WriteRequest::Flush { reply } => replies.push(Reply::Flushed(reply)),
+                WriteRequest::MarkDelivered { updates } => {
                     for (author, log, next) in updates {
-                        sqlx::query(
-                            "UPDATE logs SET delivered_seq = MAX(delivered_seq, ?) WHERE author = ? AND log = ?",
-                        )
-                        .bind(next as i64)
-                        .bind(author.as_bytes().as_slice())
-                        .bind(log.to_key())
-                        .execute(&mut *tx)
-                        .await?;
+                        let position = self.delivered.entry((author, log)).or_insert(next);
+                        *position = (*position).max(next);
                     }
-                    replies.push(Reply::Delivered(reply));
                 }
             }
+        }
+        // One row update per log touched, however many operations it got.
+        for ((author, log), head) in self.dirty.drain() {
+            sqlx::query(
+                "INSERT INTO logs (author, log, next_seq, last_hash) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (author, log) DO UPDATE SET next_seq = excluded.next_seq, last_hash = excluded.last_hash",
+            )
+            .bind(author.as_bytes().as_slice())
+            .bind(log.to_key())
+            .bind(head.next_seq as i64)
+            .bind(head.last_hash.map(|h| h.as_bytes().to_vec()).unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Delivered positions of logs that exist (a position never precedes its log's row).
+        for ((author, log), next) in self.delivered.drain() {
+            sqlx::query(
+                "UPDATE logs SET delivered_seq = MAX(delivered_seq, ?) WHERE author = ? AND log = ?",
+            )
+            .bind(next as i64)
+            .bind(author.as_bytes().as_slice())
+            .bind(log.to_key())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await
     }
@@ -516,23 +580,12 @@ impl Writer {
         .bind(op.body.as_slice())
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO logs (author, log, next_seq, last_hash) VALUES (?, ?, ?, ?)
-             ON CONFLICT (author, log) DO UPDATE SET next_seq = excluded.next_seq, last_hash = excluded.last_hash",
-        )
-        .bind(author.as_bytes().as_slice())
-        .bind(&log_key)
-        .bind((op.seq() + 1) as i64)
-        .bind(op.hash.as_bytes().as_slice())
-        .execute(&mut *tx)
-        .await?;
-        self.heads.insert(
-            (author, op.log().clone()),
-            Head {
-                next_seq: op.seq() + 1,
-                last_hash: Some(op.hash),
-            },
-        );
+        let head = Head {
+            next_seq: op.seq() + 1,
+            last_hash: Some(op.hash),
+        };
+        self.heads.insert((author, op.log().clone()), head);
+        self.dirty.insert((author, op.log().clone()), head);
         Ok(())
     }
 }
@@ -648,6 +701,7 @@ mod tests {
             .mark_delivered(vec![(author.public_key(), LogId::Message("x.y".into()), 3)])
             .await
             .unwrap();
+        store.flush().await.unwrap();
         assert_eq!(store.logs().await.unwrap()[0].delivered_seq, 3);
     }
 

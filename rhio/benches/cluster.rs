@@ -1,0 +1,689 @@
+//! `./dev/bench`: rhio against baselines measured in the same run, on real local servers.
+//!
+//! Scenarios (each rhio run interleaved with its baseline, A B A B ..., medians reported):
+//! - limits: BLAKE3 on one core and on all cores, loopback QUIC between two iroh endpoints, S3 PUT
+//!   and GET to the local S3 server;
+//! - messages: sustained routed msg/s (1 KiB, zero loss checked) and publish-to-delivery latency
+//!   at a fixed 500 msg/s, against a plain JetStream bridge A -> B without signing;
+//! - memory: peak RSS of each rhio node.
+//!
+//! `--quick` runs every scenario once with small sizes (under two minutes); `--json FILE` writes
+//! the results.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use common::{LocalEnv, NodeSpec, RhioNode, publish_toml, subscribe_toml};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+struct Settings {
+    quick: bool,
+    runs: usize,
+    burst: usize,
+    latency_secs: u64,
+    json: Option<String>,
+}
+
+fn settings() -> Settings {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1).cloned());
+    Settings {
+        quick,
+        runs: if quick { 1 } else { 3 },
+        burst: if quick { 5_000 } else { 20_000 },
+        latency_secs: if quick { 5 } else { 20 },
+        json,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Peak resident set size of a process in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+// ------------------------------------------------------------------------------------- limits
+
+fn blake3_limits(size: usize) -> (f64, f64) {
+    let data = vec![0x5au8; size];
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let one = median(
+        (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(blake3::hash(&data));
+                gib / start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = size.div_ceil(threads);
+    let all = median(
+        (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                std::thread::scope(|scope| {
+                    for part in data.chunks(chunk) {
+                        scope.spawn(move || std::hint::black_box(blake3::hash(part)));
+                    }
+                });
+                gib / start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    (one, all)
+}
+
+#[derive(Debug, Clone)]
+struct Sink;
+
+impl iroh::protocol::ProtocolHandler for Sink {
+    async fn accept(
+        &self,
+        connection: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        let mut recv = connection.accept_uni().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(Some(_)) = recv.read(&mut buf).await {}
+        let mut send = connection.open_uni().await?;
+        send.write_all(b"done")
+            .await
+            .map_err(iroh::protocol::AcceptError::from_err)?;
+        send.finish()?;
+        connection.closed().await;
+        Ok(())
+    }
+}
+
+async fn quic_limit(bytes: usize) -> f64 {
+    use p2panda_net::iroh_endpoint::IrohConfig;
+    let spawn = |key: p2panda_core::SigningKey| async move {
+        let book = p2panda_net::AddressBook::builder().spawn().await.unwrap();
+        let endpoint = p2panda_net::Endpoint::builder(book.clone())
+            .network_id([7; 32])
+            .signing_key(key)
+            .config(IrohConfig {
+                bind_ip_v4: std::net::Ipv4Addr::LOCALHOST,
+                bind_port_v4: 0,
+                bind_ip_v6: std::net::Ipv6Addr::LOCALHOST,
+                bind_port_v6: 0,
+            })
+            .spawn()
+            .await
+            .unwrap();
+        (endpoint, book)
+    };
+    let server_key = p2panda_core::SigningKey::generate();
+    let (server, _) = spawn(server_key.clone()).await;
+    server.accept(b"bench/sink", Sink).await.unwrap();
+    let addr = server.endpoint().await.unwrap().addr();
+    let (client, client_book) = spawn(p2panda_core::SigningKey::generate()).await;
+    let mut info = p2panda_net::addrs::NodeInfo::new(server_key.verifying_key());
+    info.transports = Some(p2panda_net::addrs::TransportInfo::Trusted(
+        p2panda_net::addrs::TrustedTransportInfo::from(addr),
+    ));
+    client_book.insert_node_info(info).await.unwrap();
+    let connection = client
+        .connect(server_key.verifying_key(), b"bench/sink")
+        .await
+        .unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let start = Instant::now();
+    let mut send = connection.open_uni().await.unwrap();
+    let mut sent = 0;
+    while sent < bytes {
+        send.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    send.finish().unwrap();
+    let mut done = connection.accept_uni().await.unwrap();
+    let _ = done.read_to_end(16).await.unwrap();
+    let mib_s = sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64();
+    connection.close(0u32.into(), b"");
+    mib_s
+}
+
+async fn s3_limits(cluster: &common::Cluster, bytes: usize) -> (f64, f64) {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(&cluster.s3_endpoint)
+        .region(Region::new("us-east-1"))
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            &cluster.s3_access_key,
+            &cluster.s3_secret_key,
+            None,
+            None,
+            "bench",
+        ))
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
+        .build();
+    let client = aws_sdk_s3::Client::from_conf(config);
+    let data = vec![0x3cu8; bytes];
+    let mib = bytes as f64 / (1 << 20) as f64;
+    let start = Instant::now();
+    client
+        .put_object()
+        .bucket(&cluster.s3_bucket)
+        .key("bench/object")
+        .body(data.into())
+        .send()
+        .await
+        .unwrap();
+    let put = mib / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let object = client
+        .get_object()
+        .bucket(&cluster.s3_bucket)
+        .key("bench/object")
+        .send()
+        .await
+        .unwrap();
+    let body = object.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.len(), bytes);
+    let get = mib / start.elapsed().as_secs_f64();
+    (put, get)
+}
+
+// ----------------------------------------------------------------------------------- messages
+
+/// A message path from cluster A's JetStream to cluster B's.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Rhio,
+    Bridge,
+}
+
+struct Clusters {
+    env: LocalEnv,
+    _dirs: Vec<tempfile::TempDir>,
+    nodes: Vec<RhioNode>,
+}
+
+/// Two clusters with a rhio node each: A publishes `bench.rhio.>` (stream RHIO_OUT), B subscribes
+/// to it (stream RHIO_IN). The bridge path uses BRIDGE_OUT (`bench.bridge.>`) in A and BRIDGE_IN
+/// in B.
+async fn clusters() -> Clusters {
+    let env = LocalEnv::up(2);
+    let dirs = vec![tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
+    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
+    let key_a = a.public_key();
+    a.known_nodes.push((b.public_key(), b.quic_port));
+    b.known_nodes.push((key_a.clone(), a.quic_port));
+    a.extra = publish_toml(&["bench.rhio.>"], "RHIO_OUT");
+    b.extra = subscribe_toml(&key_a, &["bench.rhio.>"], "RHIO_IN");
+    let node_a = RhioNode::start(a);
+    let node_b = RhioNode::start(b);
+    node_a.wait_peers_connected(1);
+    node_b.wait_peers_connected(1);
+    for (cluster, stream, subject) in [
+        (0, "BRIDGE_OUT", "bench.bridge.>"),
+        (1, "BRIDGE_IN", "bench.bridge.>"),
+    ] {
+        let js = jetstream::new(
+            async_nats::connect(&env.clusters[cluster].nats_url)
+                .await
+                .unwrap(),
+        );
+        js.create_stream(jetstream::stream::Config {
+            name: stream.into(),
+            subjects: vec![subject.into()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    Clusters {
+        env,
+        _dirs: dirs,
+        nodes: vec![node_a, node_b],
+    }
+}
+
+/// The baseline: consume A's stream with a durable pull consumer and republish into B's
+/// JetStream with the same batch size and ack discipline as rhio, without signing.
+async fn bridge(a_url: String, b_url: String, stop: tokio_util::sync::CancellationToken) {
+    let js_a = jetstream::new(async_nats::connect(&a_url).await.unwrap());
+    let js_b = jetstream::new(async_nats::connect(&b_url).await.unwrap());
+    let stream = js_a.get_stream("BRIDGE_OUT").await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            "bridge",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("bridge".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(512)
+        .messages()
+        .await
+        .unwrap();
+    let mut batches = messages.ready_chunks(512);
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = batches.next() => batch,
+        };
+        let Some(batch) = batch else { return };
+        let messages: Vec<_> = batch.into_iter().filter_map(Result::ok).collect();
+        let mut acks = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let info = message.info().unwrap();
+            let mut headers = message.headers.clone().unwrap_or_default();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("bridge-{}", info.stream_sequence).as_str(),
+            );
+            acks.push(
+                js_b.publish_with_headers(
+                    message.subject.clone(),
+                    headers,
+                    message.payload.clone(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        for message in &messages {
+            message.ack().await.unwrap();
+        }
+    }
+}
+
+fn subject_prefix(path: Path) -> &'static str {
+    match path {
+        Path::Rhio => "bench.rhio",
+        Path::Bridge => "bench.bridge",
+    }
+}
+
+fn in_stream(path: Path) -> &'static str {
+    match path {
+        Path::Rhio => "RHIO_IN",
+        Path::Bridge => "BRIDGE_IN",
+    }
+}
+
+async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// Publishes `count` 1 KiB messages into A as fast as JetStream takes them and measures until all
+/// are in B's stream. Returns msg/s, or NaN when a message was lost.
+async fn burst(clusters: &Clusters, path: Path, count: usize, round: usize) -> f64 {
+    let a = jetstream::new(
+        async_nats::connect(&clusters.env.clusters[0].nats_url)
+            .await
+            .unwrap(),
+    );
+    let b = jetstream::new(
+        async_nats::connect(&clusters.env.clusters[1].nats_url)
+            .await
+            .unwrap(),
+    );
+    let before = stream_count(&b, in_stream(path)).await;
+    let subject = format!("{}.burst{round}", subject_prefix(path));
+    let payload = bytes::Bytes::from(vec![0x61u8; 1024]);
+    let start = Instant::now();
+    let mut acks = Vec::new();
+    for i in 0..count {
+        let mut headers = HeaderMap::new();
+        headers.insert("Seq", i.to_string().as_str());
+        acks.push(
+            a.publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+                .unwrap(),
+        );
+        if acks.len() >= 512 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let target = before + count as u64;
+    loop {
+        let now = stream_count(&b, in_stream(path)).await;
+        if now >= target {
+            let elapsed = start.elapsed().as_secs_f64();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Exactly `count` more: nothing lost, nothing duplicated.
+            if stream_count(&b, in_stream(path)).await != target {
+                return f64::NAN;
+            }
+            return count as f64 / elapsed;
+        }
+        if Instant::now() > deadline {
+            return f64::NAN;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Publishes at `rate` msg/s for `secs` and measures publish-to-delivery latency in B (core
+/// subscription on B's NATS, which sees what JetStream stores). Returns sorted latencies in ms.
+async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: usize) -> Vec<f64> {
+    let a = jetstream::new(
+        async_nats::connect(&clusters.env.clusters[0].nats_url)
+            .await
+            .unwrap(),
+    );
+    let b = async_nats::connect(&clusters.env.clusters[1].nats_url)
+        .await
+        .unwrap();
+    let subject = format!("{}.latency{round}", subject_prefix(path));
+    let mut subscriber = b.subscribe(subject.clone()).await.unwrap();
+    b.flush().await.unwrap();
+    let total = rate * secs;
+    let collector = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total as usize);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs + 30);
+        while (latencies.len() as u64) < total {
+            let message = tokio::select! {
+                message = subscriber.next() => message,
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            let Some(message) = message else { break };
+            let sent: u64 = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Sent-Micros"))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            latencies.push((now_micros().saturating_sub(sent)) as f64 / 1000.0);
+        }
+        latencies
+    });
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let payload = bytes::Bytes::from(vec![0x62u8; 1024]);
+    let mut acks = Vec::new();
+    for _ in 0..total {
+        ticker.tick().await;
+        let mut headers = HeaderMap::new();
+        headers.insert("Sent-Micros", now_micros().to_string().as_str());
+        acks.push(
+            a.publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+                .unwrap(),
+        );
+        if acks.len() >= 64 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut latencies = collector.await.unwrap();
+    if (latencies.len() as u64) < total {
+        eprintln!(
+            "latency {path:?}: only {} of {total} messages arrived",
+            latencies.len()
+        );
+    }
+    latencies.sort_by(|x, y| x.total_cmp(y));
+    latencies
+}
+
+// -------------------------------------------------------------------------------------- main
+
+fn main() {
+    let settings = settings();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows: Vec<(String, String, String, String, String)> = Vec::new();
+    let mut results = serde_json::Map::new();
+
+    // limits
+    let (b1, ball) = blake3_limits(if settings.quick { 256 << 20 } else { 1 << 30 });
+    rows.push((
+        "limits".into(),
+        "BLAKE3, one core".into(),
+        format!("{b1:.2} GiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    rows.push((
+        "limits".into(),
+        "BLAKE3, all cores".into(),
+        format!("{ball:.2} GiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("blake3_one_core_gib_s".into(), json!(b1));
+    results.insert("blake3_all_cores_gib_s".into(), json!(ball));
+    let quic = runtime.block_on(quic_limit(if settings.quick {
+        128 << 20
+    } else {
+        512 << 20
+    }));
+    rows.push((
+        "limits".into(),
+        "QUIC loopback (iroh)".into(),
+        format!("{quic:.0} MiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("quic_loopback_mib_s".into(), json!(quic));
+
+    let clusters = runtime.block_on(clusters());
+    let (put, get) = runtime.block_on(s3_limits(
+        &clusters.env.clusters[0],
+        if settings.quick { 64 << 20 } else { 256 << 20 },
+    ));
+    rows.push((
+        "limits".into(),
+        "S3 PUT (one request)".into(),
+        format!("{put:.0} MiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    rows.push((
+        "limits".into(),
+        "S3 GET (one request)".into(),
+        format!("{get:.0} MiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("s3_put_mib_s".into(), json!(put));
+    results.insert("s3_get_mib_s".into(), json!(get));
+
+    // messages: the bridge runs for the whole scenario, like a deployed bridge would.
+    let stop = tokio_util::sync::CancellationToken::new();
+    runtime.spawn(bridge(
+        clusters.env.clusters[0].nats_url.clone(),
+        clusters.env.clusters[1].nats_url.clone(),
+        stop.clone(),
+    ));
+    let mut rhio_rates = Vec::new();
+    let mut bridge_rates = Vec::new();
+    let mut rhio_lat: Vec<Vec<f64>> = Vec::new();
+    let mut bridge_lat: Vec<Vec<f64>> = Vec::new();
+    let mut cpu_per_1000 = [Vec::new(), Vec::new()];
+    for round in 0..settings.runs {
+        let before: Vec<f64> = clusters
+            .nodes
+            .iter()
+            .map(|n| cpu_seconds(n.pid()))
+            .collect();
+        rhio_rates.push(runtime.block_on(burst(&clusters, Path::Rhio, settings.burst, round)));
+        for (i, node) in clusters.nodes.iter().enumerate() {
+            let used = cpu_seconds(node.pid()) - before[i];
+            cpu_per_1000[i].push(used * 1000.0 / settings.burst as f64 * 1000.0);
+        }
+        bridge_rates.push(runtime.block_on(burst(&clusters, Path::Bridge, settings.burst, round)));
+        rhio_lat.push(runtime.block_on(latency(
+            &clusters,
+            Path::Rhio,
+            500,
+            settings.latency_secs,
+            round,
+        )));
+        bridge_lat.push(runtime.block_on(latency(
+            &clusters,
+            Path::Bridge,
+            500,
+            settings.latency_secs,
+            round,
+        )));
+    }
+    stop.cancel();
+    let rhio_rate = median(rhio_rates.clone());
+    let bridge_rate = median(bridge_rates.clone());
+    rows.push((
+        "messages".into(),
+        format!("sustained 1 KiB, {} msgs, zero loss", settings.burst),
+        format!("{rhio_rate:.0} msg/s"),
+        format!("{bridge_rate:.0} msg/s"),
+        format!("{:.2}x", rhio_rate / bridge_rate),
+    ));
+    let p = |runs: &[Vec<f64>], q: f64| median(runs.iter().map(|r| percentile(r, q)).collect());
+    for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
+        let r = p(&rhio_lat, q);
+        let b = p(&bridge_lat, q);
+        rows.push((
+            "messages".into(),
+            format!("latency {label} at 500 msg/s"),
+            format!("{r:.2} ms"),
+            format!("{b:.2} ms"),
+            format!("{:.2}x", r / b),
+        ));
+        results.insert(format!("latency_{label}_ms"), json!(r));
+        results.insert(format!("bridge_latency_{label}_ms"), json!(b));
+    }
+    results.insert("messages_per_s".into(), json!(rhio_rate));
+    results.insert("bridge_messages_per_s".into(), json!(bridge_rate));
+    results.insert("messages_runs".into(), json!(rhio_rates));
+    results.insert("bridge_runs".into(), json!(bridge_rates));
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        let cpu = median(cpu_per_1000[i].clone());
+        rows.push((
+            "messages".into(),
+            format!("CPU of node {name} per 1,000 routed messages"),
+            format!("{cpu:.0} ms"),
+            "-".into(),
+            "-".into(),
+        ));
+        results.insert(format!("cpu_node_{name}_ms_per_1000"), json!(cpu));
+    }
+    for (node, name) in clusters.nodes.iter().zip(["a", "b"]) {
+        let rss = peak_rss_mib(node.pid());
+        rows.push((
+            "memory".into(),
+            format!("peak RSS node {name} (messages)"),
+            format!("{rss:.0} MiB"),
+            "-".into(),
+            "-".into(),
+        ));
+        results.insert(format!("rss_node_{name}_mib"), json!(rss));
+    }
+
+    println!();
+    println!("| scenario | measure | rhio | baseline | ratio |");
+    println!("|---|---|---|---|---|");
+    for (scenario, measure, value, baseline, ratio) in &rows {
+        println!("| {scenario} | {measure} | {value} | {baseline} | {ratio} |");
+    }
+    let machine = json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "quick": settings.quick,
+        "runs": settings.runs,
+    });
+    results.insert("machine".into(), machine);
+    if let Some(path) = settings.json {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&Value::Object(results)).unwrap(),
+        )
+        .unwrap();
+        println!("\nresults written to {path}");
+    }
+}
