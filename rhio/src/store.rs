@@ -186,7 +186,7 @@ impl Store {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(open_error)?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
@@ -194,7 +194,13 @@ impl Store {
         let heads = load_heads(&pool).await?;
         let (writes, requests) = mpsc::channel(WRITE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        // The writer has a connection of its own, so it can choose when a commit is fsynced.
+        let connection = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(open_error)?;
         let writer = Writer {
+            connection: Some(connection),
+            full_sync: true,
             pool: pool.clone(),
             key,
             heads,
@@ -320,6 +326,10 @@ impl Store {
 
 /// Owns the log heads and performs every write.
 struct Writer {
+    /// Taken out while a transaction runs on it.
+    connection: Option<sqlx::SqliteConnection>,
+    /// Whether the connection currently fsyncs on commit.
+    full_sync: bool,
     pool: SqlitePool,
     key: PrivateKey,
     heads: HashMap<(PublicKey, LogId), Head>,
@@ -362,17 +372,15 @@ impl Writer {
             let received = if self.delivered.is_empty() {
                 requests.recv_many(&mut batch, 256).await
             } else {
-                match tokio::time::timeout(DELIVERED_FLUSH, requests.recv_many(&mut batch, 256))
+                // Idle past the flush delay: 0, and the positions are committed alone.
+                tokio::time::timeout(DELIVERED_FLUSH, requests.recv_many(&mut batch, 256))
                     .await
-                {
-                    Ok(received) => received,
-                    Err(_) => 0, // idle: commit the delivered positions alone
-                }
+                    .unwrap_or_default()
             };
             if received == 0 && (requests.is_closed() || self.delivered.is_empty()) {
                 if requests.is_closed() && !self.delivered.is_empty() {
                     let _ = self
-                        .apply(std::iter::empty(), &mut Vec::new(), &mut Vec::new())
+                        .apply(Vec::new(), &mut Vec::new(), &mut Vec::new())
                         .await;
                 }
                 if requests.is_closed() {
@@ -383,7 +391,7 @@ impl Writer {
             let mut replies = Vec::with_capacity(batch.len());
             let mut committed = Vec::new();
             let result = self
-                .apply(batch.drain(..), &mut replies, &mut committed)
+                .apply(std::mem::take(&mut batch), &mut replies, &mut committed)
                 .await;
             match result {
                 Ok(()) => {
@@ -417,11 +425,43 @@ impl Writer {
 
     async fn apply(
         &mut self,
-        requests: impl Iterator<Item = WriteRequest>,
+        requests: Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
         committed: &mut Vec<Arc<SignedOperation>>,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut connection = self.connection.take().expect("writer connection is back");
+        let result = self
+            .apply_on(&mut connection, requests, replies, committed)
+            .await;
+        self.connection = Some(connection);
+        result
+    }
+
+    async fn apply_on(
+        &mut self,
+        connection: &mut sqlx::SqliteConnection,
+        requests: Vec<WriteRequest>,
+        replies: &mut Vec<Reply>,
+        committed: &mut Vec<Arc<SignedOperation>>,
+    ) -> Result<(), sqlx::Error> {
+        // A commit that signs local messages is fsynced: their NATS messages are acked after it
+        // and the operations are pushed to peers, so losing it would fork the log. A commit with
+        // only received operations and positions is not: in WAL mode it survives a crash of the
+        // process, and what a power loss takes is fetched from peers again (and JetStream drops
+        // the repeats). This keeps one fsync, not two, on the path of a routed message.
+        let full_sync = requests
+            .iter()
+            .any(|r| matches!(r, WriteRequest::AppendLocal { .. }));
+        if full_sync != self.full_sync {
+            let pragma = if full_sync {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            sqlx::query(pragma).execute(&mut *connection).await?;
+            self.full_sync = full_sync;
+        }
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         for request in requests {
             match request {
                 WriteRequest::AppendLocal {
@@ -441,7 +481,7 @@ impl Writer {
                             now_micros(),
                             body,
                         );
-                        self.insert(&mut tx, &op).await?;
+                        self.advance_head(&op);
                         let op = Arc::new(op);
                         committed.push(op.clone());
                         ops.push(op);
@@ -475,6 +515,7 @@ impl Writer {
                 }
             }
         }
+        insert_rows(&mut tx, committed).await?;
         // One row update per log touched, however many operations it got.
         for ((author, log), head) in self.dirty.drain() {
             sqlx::query(
@@ -527,6 +568,18 @@ impl Writer {
             Arrival::Dropped => return Ok(InsertOutcome::Dropped),
             Arrival::Old => {
                 let op = op.expect("old operations are returned");
+                // Stored earlier in this transaction (rows are written at its end)?
+                if let Some(earlier) = committed
+                    .iter()
+                    .rev()
+                    .find(|c| c.seq() == op.seq() && c.author() == author && *c.log() == log)
+                {
+                    return Ok(if earlier.hash == op.hash {
+                        InsertOutcome::Duplicate
+                    } else {
+                        InsertOutcome::Conflict
+                    });
+                }
                 let stored: Option<Vec<u8>> = sqlx::query_scalar(
                     "SELECT hash FROM operations WHERE author = ? AND log = ? AND seq = ?",
                 )
@@ -551,7 +604,7 @@ impl Writer {
                 outcome.get_or_insert(InsertOutcome::BrokenChain);
                 break;
             }
-            self.insert(tx, &next).await?;
+            self.advance_head(&next);
             committed.push(Arc::new(next));
             outcome.get_or_insert(InsertOutcome::Stored);
             match self.reorder.take_ready(&author, &log, head.next_seq + 1) {
@@ -562,32 +615,42 @@ impl Writer {
         Ok(outcome.unwrap_or(InsertOutcome::Stored))
     }
 
-    async fn insert(
-        &mut self,
-        tx: &mut sqlx::SqliteConnection,
-        op: &SignedOperation,
-    ) -> Result<(), sqlx::Error> {
-        let author = op.author();
-        let log_key = op.log().to_key();
-        sqlx::query(
-            "INSERT INTO operations (author, log, seq, hash, header, body) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(author.as_bytes().as_slice())
-        .bind(&log_key)
-        .bind(op.seq() as i64)
-        .bind(op.hash.as_bytes().as_slice())
-        .bind(op.header_bytes.as_slice())
-        .bind(op.body.as_slice())
-        .execute(&mut *tx)
-        .await?;
+    /// Moves the log head past `op`; its row is written with the rest of the transaction.
+    fn advance_head(&mut self, op: &SignedOperation) {
         let head = Head {
             next_seq: op.seq() + 1,
             last_hash: Some(op.hash),
         };
-        self.heads.insert((author, op.log().clone()), head);
-        self.dirty.insert((author, op.log().clone()), head);
-        Ok(())
+        let key = (op.author(), op.log().clone());
+        self.heads.insert(key.clone(), head);
+        self.dirty.insert(key, head);
     }
+}
+
+/// Rows per multi-row INSERT (6 parameters each, well under SQLite's limit).
+const ROWS_PER_INSERT: usize = 256;
+
+/// Writes the operations of a transaction with few statements: each statement is a round trip
+/// to the SQLite worker thread.
+async fn insert_rows(
+    tx: &mut sqlx::SqliteConnection,
+    ops: &[Arc<SignedOperation>],
+) -> Result<(), sqlx::Error> {
+    for chunk in ops.chunks(ROWS_PER_INSERT) {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO operations (author, log, seq, hash, header, body) ",
+        );
+        query.push_values(chunk, |mut row, op| {
+            row.push_bind(op.author().as_bytes().to_vec())
+                .push_bind(op.log().to_key())
+                .push_bind(op.seq() as i64)
+                .push_bind(op.hash.as_bytes().to_vec())
+                .push_bind(op.header_bytes.clone())
+                .push_bind(op.body.clone());
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
