@@ -187,6 +187,31 @@ fn burst_of_5000_arrives_exactly_once_in_order_with_provenance() {
 }
 
 #[test]
+fn messages_up_to_the_nats_payload_limit_arrive() {
+    let pair = pair(&["big.*"]);
+    let node_a = RhioNode::start(pair.a.clone());
+    let node_b = RhioNode::start(pair.b.clone());
+    node_a.wait_peers_connected(1);
+    node_b.wait_peers_connected(1);
+    let rt = runtime();
+    // NATS' default max_payload is 1 MiB; leave room for the headers rhio adds in B.
+    let size = 1024 * 1024 - 2048;
+    rt.block_on(js_publish(
+        &pair.env.clusters[0].nats_url,
+        (0..3).map(|i| numbered("big.blob", i, size)),
+    ));
+    let messages = rt.block_on(stream_messages(
+        &pair.env.clusters[1].nats_url,
+        "IN",
+        3,
+        Duration::from_secs(60),
+    ));
+    assert!(messages.iter().all(|m| m.payload.len() == size));
+    let expected: Vec<_> = (0..3).map(|i| ("big.blob".to_string(), i)).collect();
+    assert_routed(&messages, &pair.key_a, &expected);
+}
+
+#[test]
 fn stopped_node_catches_up_and_receiving_nats_restart_loses_nothing() {
     let pair = pair(&["news.*"]);
     let node_a = RhioNode::start(pair.a.clone());
