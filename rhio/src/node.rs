@@ -12,9 +12,9 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::nats::{NatsConnection, NatsError};
 use crate::network::{Network, NetworkError};
-use crate::routing::Routes;
 use crate::routing::delivery::Delivery;
 use crate::routing::outbound::Publisher;
+use crate::routing::{Routes, StreamStates};
 use crate::s3::{S3Error, S3Store};
 use crate::status::StatusSource;
 use crate::store::Store;
@@ -133,6 +133,7 @@ impl Node {
         ));
 
         let routes = Routes::from_config(&config);
+        let streams = StreamStates::from_config(&config);
         if config
             .subscribe
             .iter()
@@ -165,6 +166,7 @@ impl Node {
                 create_stream: config.nats.create_streams,
                 store: store.clone(),
                 metrics: metrics.clone(),
+                states: streams.clone(),
                 shutdown: shutdown.clone(),
             };
             tasks.spawn(publisher.run());
@@ -177,6 +179,7 @@ impl Node {
                 create_streams: config.nats.create_streams,
                 store: store.clone(),
                 metrics: metrics.clone(),
+                states: streams.clone(),
                 shutdown: shutdown.clone(),
             };
             tasks.spawn(delivery.run());
@@ -188,7 +191,12 @@ impl Node {
             s3,
             network.clone(),
             metrics.clone(),
+            streams,
         );
+        tasks.spawn(crate::nats::warn_about_captured_services(
+            nats.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::nats::serve_status(
             nats.clone(),
             status.clone(),

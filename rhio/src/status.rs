@@ -14,7 +14,8 @@ use crate::s3::S3Status;
 /// Everything a status request reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
-    /// `ok` when NATS is connected and the S3 bucket is reachable, `degraded` otherwise.
+    /// `ok` when NATS is connected, the S3 bucket is reachable and routing runs through every
+    /// configured stream; `degraded` otherwise.
     pub status: String,
     pub public_key: PublicKey,
     pub version: String,
@@ -24,6 +25,8 @@ pub struct NodeStatus {
     pub network: NetworkStatus,
     pub peers: PeersStatus,
     pub routing: RoutingStatus,
+    /// JetStream streams rhio publishes from or into, and whether routing through them runs.
+    pub streams: Vec<crate::routing::StreamStatus>,
 }
 
 /// Counters of message routing since the node started.
@@ -80,6 +83,7 @@ struct StatusInner {
     s3: crate::s3::S3Store,
     network: Network,
     metrics: Arc<Metrics>,
+    streams: crate::routing::StreamStates,
 }
 
 impl StatusSource {
@@ -89,6 +93,7 @@ impl StatusSource {
         s3: crate::s3::S3Store,
         network: Network,
         metrics: Arc<Metrics>,
+        streams: crate::routing::StreamStates,
     ) -> Self {
         Self {
             inner: Arc::new(StatusInner {
@@ -98,6 +103,7 @@ impl StatusSource {
                 s3,
                 network,
                 metrics,
+                streams,
             }),
         }
     }
@@ -108,7 +114,8 @@ impl StatusSource {
         let s3 = inner.s3.status();
         let nodes = inner.network.peers();
         let connected = nodes.iter().filter(|peer| peer.connected).count();
-        let ok = nats.connected && s3.reachable;
+        let streams = inner.streams.snapshot();
+        let ok = nats.connected && s3.reachable && streams.iter().all(|s| s.active);
         NodeStatus {
             status: if ok { "ok" } else { "degraded" }.into(),
             public_key: inner.public_key,
@@ -123,6 +130,7 @@ impl StatusSource {
                 nodes,
             },
             routing: self.routing(),
+            streams,
         }
     }
 

@@ -151,6 +151,13 @@ fn burst_of_5000_arrives_exactly_once_in_order_with_provenance() {
     let node_b = RhioNode::start(pair.b.clone());
     node_a.wait_peers_connected(1);
     node_b.wait_peers_connected(1);
+    // Status lists the streams and reports routing through them as running.
+    let health_a = node_a.wait_healthy();
+    assert_eq!(health_a["streams"][0]["name"], "OUT");
+    assert_eq!(health_a["streams"][0]["role"], "publish");
+    let health_b = node_b.wait_healthy();
+    assert_eq!(health_b["streams"][0]["name"], "IN");
+    assert_eq!(health_b["streams"][0]["active"], true);
 
     let rt = runtime();
     let count = 5000;

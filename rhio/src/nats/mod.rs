@@ -145,6 +145,37 @@ fn log_event(endpoint: &str, event: async_nats::Event) {
     }
 }
 
+/// Subjects of rhio's request/reply services; a JetStream stream capturing one of them answers
+/// requests with a PubAck before rhio can.
+pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import"];
+
+/// Once NATS is reachable, warns about streams that capture rhio's service subjects.
+pub async fn warn_about_captured_services(nats: NatsConnection, shutdown: CancellationToken) {
+    while !nats.status().connected {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    let js = async_nats::jetstream::new(nats.client.clone());
+    let mut streams = js.streams();
+    while let Some(info) = streams.next().await {
+        let Ok(info) = info else { return };
+        for captured in &info.config.subjects {
+            for service in SERVICE_SUBJECTS {
+                if rhio_core::subject::overlap(captured, service) {
+                    tracing::warn!(
+                        stream = %info.config.name,
+                        subject = %captured,
+                        service,
+                        "this JetStream stream captures a rhio service subject: requests get a PubAck from JetStream instead of rhio's answer; remove the subject from the stream"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Answers `rhio.status` requests with the node status as JSON until `shutdown` fires.
 pub async fn serve_status(
     nats: NatsConnection,

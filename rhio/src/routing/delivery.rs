@@ -30,6 +30,7 @@ pub struct Delivery {
     pub create_streams: bool,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    pub states: super::StreamStates,
     pub shutdown: CancellationToken,
 }
 
@@ -44,6 +45,7 @@ impl Delivery {
             };
             if let Err(err) = result {
                 self.metrics.routing_errors.inc();
+                self.states.report_role("subscribe", Err(&err));
                 tracing::warn!(%err, "delivery into JetStream paused; retrying");
             }
             tokio::select! {
@@ -62,6 +64,7 @@ impl Delivery {
         for (stream, subjects) in &self.routes.subscribe_streams {
             ensure_stream(&self.js, stream, subjects, self.create_streams).await?;
         }
+        self.states.report_role("subscribe", Ok(()));
         // Subscribe before scanning, so nothing committed in between is missed.
         let mut events = self.store.subscribe();
         let mut delivered: HashMap<LogKey, u64> = HashMap::new();

@@ -83,6 +83,86 @@ impl Routes {
     }
 }
 
+/// What status reports about one configured stream.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StreamStatus {
+    pub name: String,
+    /// `publish` (rhio signs what it captures) or `subscribe` (rhio publishes into it).
+    pub role: String,
+    pub subjects: Vec<String>,
+    /// Routing through this stream runs.
+    pub active: bool,
+    /// Why it does not, when it does not.
+    pub error: Option<String>,
+}
+
+/// The configured streams and whether routing through each one runs; shared by the routing
+/// tasks (which report) and status (which reads).
+#[derive(Debug, Clone, Default)]
+pub struct StreamStates {
+    streams: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), StreamStatus>>>,
+}
+
+impl StreamStates {
+    pub fn from_config(config: &Config) -> Self {
+        let states = Self::default();
+        {
+            let mut streams = states.streams.lock().expect("stream states lock");
+            let entries = config
+                .publish
+                .iter()
+                .map(|p| ("publish", &p.stream, &p.subjects))
+                .chain(
+                    config
+                        .subscribe
+                        .iter()
+                        .map(|s| ("subscribe", &s.stream, &s.subjects)),
+                );
+            for (role, name, subjects) in entries {
+                let status = streams
+                    .entry((role.to_string(), name.clone()))
+                    .or_insert_with(|| StreamStatus {
+                        name: name.clone(),
+                        role: role.into(),
+                        subjects: Vec::new(),
+                        active: false,
+                        error: Some("not started yet".into()),
+                    });
+                status.subjects.extend(subjects.iter().cloned());
+            }
+        }
+        states
+    }
+
+    pub(crate) fn report(&self, role: &str, name: &str, result: Result<(), &str>) {
+        let mut streams = self.streams.lock().expect("stream states lock");
+        if let Some(status) = streams.get_mut(&(role.to_string(), name.to_string())) {
+            status.active = result.is_ok();
+            status.error = result.err().map(str::to_string);
+        }
+    }
+
+    /// Reports the same result for every stream of `role`.
+    pub(crate) fn report_role(&self, role: &str, result: Result<(), &str>) {
+        let mut streams = self.streams.lock().expect("stream states lock");
+        for ((r, _), status) in streams.iter_mut() {
+            if r == role {
+                status.active = result.is_ok();
+                status.error = result.err().map(str::to_string);
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<StreamStatus> {
+        self.streams
+            .lock()
+            .expect("stream states lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
 /// Makes sure `name` exists (creating it with `subjects` when allowed).
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,

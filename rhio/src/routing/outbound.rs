@@ -33,6 +33,7 @@ pub struct Publisher {
     pub create_stream: bool,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    pub states: super::StreamStates,
     pub shutdown: CancellationToken,
 }
 
@@ -47,6 +48,7 @@ impl Publisher {
             };
             if let Err(err) = result {
                 self.metrics.routing_errors.inc();
+                self.states.report("publish", &stream, Err(&err));
                 tracing::warn!(stream, %err, "publishing paused; retrying");
             }
             tokio::select! {
@@ -97,6 +99,7 @@ impl Publisher {
             .await
             .map_err(|err| format!("cannot read stream: {err}"))?;
         tracing::info!(stream = %self.route.stream, subjects = ?self.route.subjects, "publishing messages");
+        self.states.report("publish", &self.route.stream, Ok(()));
         let mut batches = messages.ready_chunks(BATCH);
         while let Some(batch) = batches.next().await {
             let mut messages = Vec::with_capacity(batch.len());
