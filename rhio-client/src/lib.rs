@@ -172,6 +172,48 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Asks the node to import a Parquet file (a path under its import roots, or
+    /// `s3://<bucket>/<key>` in its bucket) and waits for the answer: `{"ok": true, ...}` or
+    /// `{"ok": false, "error": {"code", "message"}}`. Progress events go to `rhio.progress.>`.
+    pub async fn import(
+        &self,
+        path: &str,
+        dataset: Option<&str>,
+        subject: Option<&str>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({"path": path, "dataset": dataset, "subject": subject});
+        let body = serde_json::to_vec(&body).expect("request serializes");
+        let subject_name = "rhio.import";
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(timeout));
+        let message = self
+            .nats
+            .send_request(subject_name.to_string(), request)
+            .await
+            .map_err(|err| match err.kind() {
+                async_nats::RequestErrorKind::NoResponders => ClientError::NoNode {
+                    subject: subject_name.into(),
+                },
+                _ => ClientError::Request {
+                    subject: subject_name.into(),
+                    reason: err.to_string(),
+                },
+            })?;
+        serde_json::from_slice(&message.payload).map_err(|err| ClientError::BadAnswer {
+            subject: subject_name.into(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// The underlying NATS client (for progress subscriptions and the like).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+}
+
 /// A new node key: `(private key hex, public key hex)`.
 pub fn generate_key() -> (String, String) {
     let key = rhio_core::identity::PrivateKey::generate();

@@ -26,6 +26,19 @@ struct Args {
 enum Command {
     /// Print the node's status (peers, NATS, S3) as JSON.
     Status,
+    /// Import a Parquet file (a path under the node's import roots, or s3://bucket/key).
+    Import {
+        path: String,
+        /// Dataset name (default: the file stem).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Subject to announce the dataset on (default: datasets.<name>).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Seconds to wait for the import to finish.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Publish a message into the cluster's JetStream (rhio routes it when configured to).
     Publish {
         subject: String,
@@ -68,6 +81,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let client = rhio_client::Client::connect(&args.nats).await?;
             let status = client.status().await?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        Command::Import {
+            path,
+            dataset,
+            subject,
+            timeout,
+        } => {
+            use futures::StreamExt;
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let mut progress = client.nats().subscribe("rhio.progress.>").await?;
+            let printer = tokio::spawn(async move {
+                while let Some(event) = progress.next().await {
+                    if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&event.payload) {
+                        let done = event["bytes_done"].as_u64().unwrap_or(0);
+                        let total = event["bytes_total"].as_u64().unwrap_or(0).max(1);
+                        eprint!(
+                            "\r{}: {:>5.1}% of {} MiB",
+                            event["dataset"].as_str().unwrap_or("?"),
+                            done as f64 * 100.0 / total as f64,
+                            total >> 20
+                        );
+                    }
+                }
+            });
+            let answer = client
+                .import(
+                    &path,
+                    dataset.as_deref(),
+                    subject.as_deref(),
+                    std::time::Duration::from_secs(timeout),
+                )
+                .await?;
+            printer.abort();
+            eprintln!();
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            if answer["ok"] != true {
+                anyhow::bail!(
+                    "import failed: {}",
+                    answer["error"]["message"]
+                        .as_str()
+                        .unwrap_or("unknown error")
+                );
+            }
         }
         Command::Publish {
             subject,

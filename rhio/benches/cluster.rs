@@ -197,28 +197,7 @@ async fn quic_limit(bytes: usize) -> f64 {
 }
 
 async fn s3_limits(cluster: &common::Cluster, bytes: usize) -> (f64, f64) {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-    let config = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .endpoint_url(&cluster.s3_endpoint)
-        .region(Region::new("us-east-1"))
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(
-            &cluster.s3_access_key,
-            &cluster.s3_secret_key,
-            None,
-            None,
-            "bench",
-        ))
-        .http_client(
-            aws_smithy_http_client::Builder::new()
-                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                ))
-                .build_https(),
-        )
-        .build();
-    let client = aws_sdk_s3::Client::from_conf(config);
+    let client = common::s3_client(cluster);
     let data = vec![0x3cu8; bytes];
     let mib = bytes as f64 / (1 << 20) as f64;
     let start = Instant::now();

@@ -30,6 +30,50 @@ pub struct Config {
     pub publish: Vec<PublishConfig>,
     /// Per remote author, the subjects accepted from it and where they go locally.
     pub subscribe: Vec<SubscribeConfig>,
+    pub import: ImportConfig,
+    pub datasets: DatasetsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportConfig {
+    /// Local directories files may be imported from (after resolving symlinks).
+    pub roots: Vec<PathBuf>,
+    /// Imports running at once; further requests are answered `busy`.
+    pub max_concurrent: usize,
+    /// Size of the S3 multipart upload parts, in MiB (5 or more).
+    pub part_size_mib: u64,
+    /// Parts uploaded at once per import.
+    pub upload_concurrency: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetsConfig {
+    /// Datasets are announced on `<subject_prefix>.<dataset>` unless an import names a subject.
+    pub subject_prefix: String,
+    /// JetStream stream capturing `<subject_prefix>.>`, which dataset announcements go into.
+    pub stream: String,
+}
+
+impl Default for ImportConfig {
+    fn default() -> Self {
+        Self {
+            roots: Vec::new(),
+            max_concurrent: 2,
+            part_size_mib: 8,
+            upload_concurrency: 4,
+        }
+    }
+}
+
+impl Default for DatasetsConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "datasets".into(),
+            stream: "DATASETS".into(),
+        }
+    }
 }
 
 /// Messages on `subjects`, captured by the JetStream stream `stream`, are routed out.
@@ -290,6 +334,29 @@ impl Config {
             });
         }
         self.validate_routes()?;
+        if self.import.part_size_mib < 5 || self.import.part_size_mib > 512 {
+            return Err(ConfigError::BadValue {
+                key: "import.part_size_mib",
+                reason: "must be between 5 and 512 (S3 multipart limits)".into(),
+            });
+        }
+        if self.import.max_concurrent == 0 || self.import.upload_concurrency == 0 {
+            return Err(ConfigError::BadValue {
+                key: "import.max_concurrent",
+                reason: "import.max_concurrent and import.upload_concurrency must be at least 1"
+                    .into(),
+            });
+        }
+        rhio_core::subject::validate_subject(&self.datasets.subject_prefix).map_err(|e| {
+            ConfigError::BadValue {
+                key: "datasets.subject_prefix",
+                reason: e.to_string(),
+            }
+        })?;
+        validate_stream_name(&self.datasets.stream).map_err(|reason| ConfigError::BadValue {
+            key: "datasets.stream",
+            reason,
+        })?;
         for node in &self.network.known_nodes {
             if node.addresses.is_empty() {
                 return Err(ConfigError::BadValue {

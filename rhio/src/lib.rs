@@ -24,6 +24,7 @@
 //! ```
 
 pub mod config;
+pub mod datasets;
 pub mod http;
 pub mod keys;
 pub mod metrics;

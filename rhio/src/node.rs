@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
+use crate::datasets::import::Importer;
 use crate::metrics::Metrics;
 use crate::nats::{NatsConnection, NatsError};
 use crate::network::{Network, NetworkError};
@@ -60,9 +61,6 @@ async fn check_streams(
     js: &async_nats::jetstream::Context,
     config: &Config,
 ) -> Result<(), StartError> {
-    if config.publish.is_empty() && config.subscribe.is_empty() {
-        return Ok(());
-    }
     let deadline = tokio::time::Instant::now() + STREAM_CHECK_WAIT;
     while !nats.status().connected {
         if tokio::time::Instant::now() > deadline {
@@ -70,6 +68,19 @@ async fn check_streams(
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Dataset announcements need their stream, but a node that only routes messages does not:
+    // a missing one is a warning (imports still work and say so when they cannot announce).
+    let datasets = vec![format!("{}.>", config.datasets.subject_prefix)];
+    if let Err(err) = crate::routing::ensure_stream(
+        js,
+        &config.datasets.stream,
+        &datasets,
+        config.nats.create_streams,
+    )
+    .await
+    {
+        tracing::warn!(%err, "datasets will not be announced on JetStream");
     }
     let mut streams: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for (stream, subjects) in config
@@ -184,6 +195,16 @@ impl Node {
             };
             tasks.spawn(delivery.run());
         }
+
+        let importer = Arc::new(Importer::new(
+            s3.clone(),
+            store.clone(),
+            key.public_key(),
+            nats.client().clone(),
+            config.import.clone(),
+            config.datasets.clone(),
+        ));
+        tasks.spawn(importer.serve(shutdown.clone()));
 
         let status = StatusSource::new(
             key.public_key(),

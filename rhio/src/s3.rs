@@ -195,7 +195,7 @@ impl S3Store {
 }
 
 /// The innermost cause of an SDK error, which is where "connection refused" lives.
-fn describe(err: &dyn std::error::Error) -> String {
+pub(crate) fn describe(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {

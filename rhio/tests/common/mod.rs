@@ -176,6 +176,7 @@ pub struct NodeSpec {
     pub s3_secret_key: String,
     pub create_bucket: bool,
     pub create_streams: bool,
+    pub import_roots: Vec<PathBuf>,
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
     pub extra: String,
@@ -194,6 +195,7 @@ impl NodeSpec {
             s3_secret_key: cluster.s3_secret_key.clone(),
             create_bucket: false,
             create_streams: true,
+            import_roots: Vec::new(),
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
             extra: String::new(),
@@ -235,6 +237,10 @@ access_key = "{s3_access_key}"
 secret_key = "{s3_secret_key}"
 create_bucket = {create_bucket}
 
+[import]
+roots = {import_roots:?}
+part_size_mib = 5
+
 [network]
 network_id = "{network_id}"
 bind_ip = "127.0.0.1"
@@ -251,6 +257,7 @@ max_retry_interval_secs = 2
             s3_secret_key = self.s3_secret_key,
             create_bucket = self.create_bucket,
             create_streams = self.create_streams,
+            import_roots = self.import_roots,
             network_id = self.network_id,
             quic_port = self.quic_port,
         );
@@ -485,4 +492,47 @@ pub fn metric(node: &RhioNode, name: &str) -> f64 {
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// An aws-sdk-s3 client for a cluster's S3 server.
+pub fn s3_client(cluster: &Cluster) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(&cluster.s3_endpoint)
+        .region(Region::new("us-east-1"))
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            &cluster.s3_access_key,
+            &cluster.s3_secret_key,
+            None,
+            None,
+            "tests",
+        ))
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// Runs `dev/make_parquet.py` with the Python of `dev/localenv.py install`.
+pub fn make_parquet(args: &[&str]) {
+    let cache = std::env::var_os("RHIODEV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio"));
+    let output = Command::new(cache.join("venv/bin/python"))
+        .arg(repo_root().join("dev/make_parquet.py"))
+        .args(args)
+        .output()
+        .expect("the venv's python runs (python3 dev/localenv.py install)");
+    assert!(
+        output.status.success(),
+        "make_parquet.py {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -1,0 +1,898 @@
+//! `rhio.import`: a Parquet file becomes a signed dataset version in this cluster's S3.
+//!
+//! The request names a local file under an import root or `s3://<bucket>/<key>` in the cluster's
+//! bucket. The node reads the footer first (to partition the file into row-group blobs and
+//! reject what is not Parquet), then reads the file once, in order: each chunk feeds the hash of
+//! its blob, the hash of the whole file and an S3 multipart upload part. The object appears at
+//! `datasets/<name>/v<version>.parquet` only when the upload completes; the signed manifest is
+//! stored in the node's dataset log (version = log position), written as a sidecar under
+//! `.rhio/manifests/`, announced on the dataset subject, and replied to the requester.
+//! Importing the same bytes again for the same dataset answers with the existing version.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use futures::StreamExt;
+use rhio_core::identity::PublicKey;
+use rhio_core::manifest::{DatasetManifest, validate_dataset_name};
+use rhio_core::operation::LogId;
+use rhio_core::parquet::{Partition, PartitionError, TAIL_LEN, footer_length, partition};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DatasetsConfig, ImportConfig};
+use crate::s3::S3Store;
+use crate::store::Store;
+
+/// Subject of the import request/reply service.
+pub const IMPORT_SUBJECT: &str = "rhio.import";
+/// Prefix of progress events: `rhio.progress.<dataset>`.
+pub const PROGRESS_PREFIX: &str = "rhio.progress";
+/// Hidden prefix of rhio's own objects in the bucket.
+pub const SIDECAR_PREFIX: &str = ".rhio";
+/// Chunk read from the source at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Why an import failed, with the stable code of the reply.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error("{0} is not a regular file")]
+    NotAFile(String),
+    #[error("{0}")]
+    ForbiddenPath(String),
+    #[error(transparent)]
+    Parquet(#[from] PartitionError),
+    #[error("S3 is unavailable: {0}")]
+    StorageUnavailable(String),
+    #[error("{0} imports are running already; try again later")]
+    Busy(usize),
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ImportError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImportError::BadRequest(_) => "bad_request",
+            ImportError::NotFound(_) => "not_found",
+            ImportError::NotAFile(_) => "not_a_file",
+            ImportError::ForbiddenPath(_) => "forbidden_path",
+            ImportError::Parquet(err) => err.code(),
+            ImportError::StorageUnavailable(_) => "storage_unavailable",
+            ImportError::Busy(_) => "busy",
+            ImportError::Read { .. } => "read_failed",
+            ImportError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// A parsed `rhio.import` request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    pub path: String,
+    pub dataset: Option<String>,
+    pub subject: Option<String>,
+}
+
+impl ImportRequest {
+    /// A bare path, or `{"path": ..., "dataset": ..., "subject": ...}`.
+    pub fn parse(body: &[u8]) -> Result<Self, ImportError> {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ImportError::BadRequest("the request is not UTF-8".into()))?
+            .trim();
+        if text.starts_with('{') {
+            return serde_json::from_str(text)
+                .map_err(|err| ImportError::BadRequest(err.to_string()));
+        }
+        if text.is_empty() {
+            return Err(ImportError::BadRequest(
+                "the request is empty; send a path or {\"path\": ...}".into(),
+            ));
+        }
+        Ok(Self {
+            path: text.to_string(),
+            dataset: None,
+            subject: None,
+        })
+    }
+
+    /// The dataset name: given, or the file stem.
+    pub fn dataset_name(&self) -> Result<String, ImportError> {
+        let name = match &self.dataset {
+            Some(name) => name.clone(),
+            None => Path::new(self.path.rsplit('/').next().unwrap_or(&self.path))
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        };
+        validate_dataset_name(&name).map_err(|err| ImportError::BadRequest(err.to_string()))?;
+        Ok(name)
+    }
+}
+
+/// The successful reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportReply {
+    pub ok: bool,
+    pub dataset: String,
+    pub version: u64,
+    pub subject: String,
+    pub author: PublicKey,
+    pub file_hash: String,
+    pub operation: String,
+    pub row_groups: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub location: String,
+    /// True when these bytes were imported before and the existing version is returned.
+    pub existing: bool,
+}
+
+/// Where the bytes come from.
+enum Source {
+    File {
+        path: PathBuf,
+        file: tokio::fs::File,
+        len: u64,
+    },
+    S3 {
+        key: String,
+        len: u64,
+    },
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::File { len, .. } | Source::S3 { len, .. } => *len,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::File { path, .. } => path.display().to_string(),
+            Source::S3 { key, .. } => format!("s3 key {key}"),
+        }
+    }
+
+    async fn read_range(
+        &mut self,
+        s3: &S3Store,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ImportError> {
+        let describe = self.describe();
+        match self {
+            Source::File { file, .. } => {
+                let mut buf = vec![0u8; len as usize];
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|err| ImportError::Read {
+                        path: describe.clone(),
+                        reason: err.to_string(),
+                    })?;
+                file.read_exact(&mut buf)
+                    .await
+                    .map_err(|err| ImportError::Read {
+                        path: describe,
+                        reason: err.to_string(),
+                    })?;
+                Ok(buf)
+            }
+            Source::S3 { key, .. } => {
+                let object = s3
+                    .client()
+                    .get_object()
+                    .bucket(s3.bucket())
+                    .key(key.as_str())
+                    .range(format!("bytes={}-{}", offset, offset + len - 1))
+                    .send()
+                    .await
+                    .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+                let bytes = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|err| ImportError::StorageUnavailable(err.to_string()))?
+                    .into_bytes();
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+}
+
+/// Runs imports; one per dataset at a time, at most `max_concurrent` overall.
+pub struct Importer {
+    pub s3: S3Store,
+    pub store: Store,
+    pub author: PublicKey,
+    pub js: async_nats::jetstream::Context,
+    pub nats: async_nats::Client,
+    pub import: ImportConfig,
+    pub datasets: DatasetsConfig,
+    running: Semaphore,
+    per_dataset: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl Importer {
+    pub fn new(
+        s3: S3Store,
+        store: Store,
+        author: PublicKey,
+        nats: async_nats::Client,
+        import: ImportConfig,
+        datasets: DatasetsConfig,
+    ) -> Self {
+        Self {
+            js: async_nats::jetstream::new(nats.clone()),
+            running: Semaphore::new(import.max_concurrent),
+            s3,
+            store,
+            author,
+            nats,
+            import,
+            datasets,
+            per_dataset: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Answers `rhio.import` requests until shutdown; each import runs in its own task.
+    pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut requests = match self.nats.subscribe(IMPORT_SUBJECT).await {
+            Ok(subscriber) => subscriber,
+            Err(err) => {
+                tracing::error!(%err, "cannot subscribe to rhio.import; imports are off");
+                return;
+            }
+        };
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                request = requests.next() => request,
+            };
+            let Some(request) = request else { break };
+            let Some(reply) = request.reply.clone() else {
+                continue;
+            };
+            let importer = self.clone();
+            tokio::spawn(async move {
+                let answer = match importer.import_request(&request.payload).await {
+                    Ok(reply) => serde_json::to_vec(&reply).expect("reply serializes"),
+                    Err(err) => {
+                        tracing::warn!(code = err.code(), %err, "import failed");
+                        serde_json::to_vec(&serde_json::json!({
+                            "ok": false,
+                            "error": {"code": err.code(), "message": err.to_string()},
+                        }))
+                        .expect("error serializes")
+                    }
+                };
+                if let Err(err) = importer.nats.publish(reply, answer.into()).await {
+                    tracing::warn!(%err, "cannot answer an import request");
+                }
+            });
+        }
+        let _ = requests.unsubscribe().await;
+    }
+
+    pub async fn import_request(&self, body: &[u8]) -> Result<ImportReply, ImportError> {
+        let request = ImportRequest::parse(body)?;
+        let dataset = request.dataset_name()?;
+        let subject = match &request.subject {
+            Some(subject) => {
+                rhio_core::subject::validate_subject(subject)
+                    .map_err(|err| ImportError::BadRequest(err.to_string()))?;
+                subject.clone()
+            }
+            None => format!("{}.{dataset}", self.datasets.subject_prefix),
+        };
+        let _permit = self
+            .running
+            .try_acquire()
+            .map_err(|_| ImportError::Busy(self.import.max_concurrent))?;
+        let lock = {
+            let mut locks = self.per_dataset.lock().await;
+            locks.entry(dataset.clone()).or_default().clone()
+        };
+        let _dataset_guard = lock.lock().await;
+        let source = self.open(&request.path).await?;
+        self.import(source, &dataset, &subject).await
+    }
+
+    /// Resolves and opens the source, enforcing the import roots and the cluster's bucket.
+    async fn open(&self, path: &str) -> Result<Source, ImportError> {
+        if let Some(rest) = path.strip_prefix("s3://") {
+            let (bucket, key) = rest
+                .split_once('/')
+                .filter(|(_, key)| !key.is_empty())
+                .ok_or_else(|| {
+                    ImportError::BadRequest(format!("{path} is not s3://<bucket>/<key>"))
+                })?;
+            if bucket != self.s3.bucket() {
+                return Err(ImportError::ForbiddenPath(format!(
+                    "{path} is not in this cluster's bucket {:?}",
+                    self.s3.bucket()
+                )));
+            }
+            if key.starts_with(SIDECAR_PREFIX) {
+                return Err(ImportError::ForbiddenPath(format!(
+                    "{path} is one of rhio's own objects"
+                )));
+            }
+            let head = self
+                .s3
+                .client()
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|err| match err.as_service_error() {
+                    Some(service) if service.is_not_found() => {
+                        ImportError::NotFound(path.to_string())
+                    }
+                    _ => ImportError::StorageUnavailable(crate::s3::describe(&err)),
+                })?;
+            let len = head.content_length().unwrap_or(0).max(0) as u64;
+            return Ok(Source::S3 {
+                key: key.to_string(),
+                len,
+            });
+        }
+        let requested = Path::new(path);
+        if !requested.is_absolute() {
+            return Err(ImportError::BadRequest(format!(
+                "{path} is not an absolute path"
+            )));
+        }
+        let resolved = match tokio::fs::canonicalize(requested).await {
+            Ok(resolved) => resolved,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImportError::NotFound(path.to_string()));
+            }
+            Err(err) => {
+                return Err(ImportError::Read {
+                    path: path.to_string(),
+                    reason: err.to_string(),
+                });
+            }
+        };
+        let mut allowed = false;
+        for root in &self.import.roots {
+            if let Ok(root) = tokio::fs::canonicalize(root).await
+                && resolved.starts_with(&root)
+            {
+                allowed = true;
+                break;
+            }
+        }
+        if !allowed {
+            return Err(ImportError::ForbiddenPath(format!(
+                "{path} is outside the import roots {:?}",
+                self.import.roots
+            )));
+        }
+        let meta = tokio::fs::metadata(&resolved)
+            .await
+            .map_err(|err| ImportError::Read {
+                path: path.to_string(),
+                reason: err.to_string(),
+            })?;
+        if !meta.is_file() {
+            return Err(ImportError::NotAFile(path.to_string()));
+        }
+        let file = tokio::fs::File::open(&resolved)
+            .await
+            .map_err(|err| ImportError::Read {
+                path: path.to_string(),
+                reason: err.to_string(),
+            })?;
+        Ok(Source::File {
+            path: resolved,
+            file,
+            len: meta.len(),
+        })
+    }
+
+    async fn import(
+        &self,
+        mut source: Source,
+        dataset: &str,
+        subject: &str,
+    ) -> Result<ImportReply, ImportError> {
+        let file_len = source.len();
+        if file_len == 0 {
+            return Err(PartitionError::Empty.into());
+        }
+        if file_len < rhio_core::parquet::MIN_FILE_LEN {
+            return Err(PartitionError::NotParquet(format!(
+                "{file_len} bytes is shorter than any Parquet file"
+            ))
+            .into());
+        }
+        let tail: [u8; TAIL_LEN] = source
+            .read_range(&self.s3, file_len - TAIL_LEN as u64, TAIL_LEN as u64)
+            .await?
+            .try_into()
+            .map_err(|_| ImportError::Internal("short read".into()))?;
+        let footer_len = footer_length(file_len, &tail)?;
+        let footer = source
+            .read_range(&self.s3, file_len - footer_len, footer_len)
+            .await?;
+        let head = source.read_range(&self.s3, 0, 4).await?;
+        let partition = partition(file_len, &head, &footer)?;
+
+        let versions = self.versions(dataset).await?;
+        let next_version = versions.len() as u64;
+        let key = format!("datasets/{dataset}/v{next_version}.parquet");
+        let (blob_hashes, file_hash, mut upload) =
+            self.upload(&mut source, &partition, &key, dataset).await?;
+        if let Some((version, op_hash, manifest)) = versions
+            .iter()
+            .find(|(_, _, m)| m.file_hash == file_hash.to_hex().as_str())
+        {
+            // Same bytes as an earlier version: nothing becomes visible, the old one is answered.
+            upload.abort().await;
+            return Ok(self.reply(manifest, *version, op_hash, subject, true));
+        }
+        upload.complete().await?;
+        let manifest = DatasetManifest::new(
+            dataset,
+            next_version,
+            self.author,
+            now_micros(),
+            &partition,
+            &blob_hashes,
+            file_hash,
+        )
+        .map_err(|err| ImportError::Internal(err.to_string()))?;
+        let ops = self
+            .store
+            .append_local(
+                vec![(LogId::Dataset(dataset.to_string()), manifest.encode())],
+                None,
+            )
+            .await
+            .map_err(|err| ImportError::Internal(err.to_string()))?;
+        let op = &ops[0];
+        if op.seq() != next_version {
+            return Err(ImportError::Internal(format!(
+                "dataset log moved to {} while importing version {next_version}",
+                op.seq()
+            )));
+        }
+        self.s3
+            .client()
+            .put_object()
+            .bucket(self.s3.bucket())
+            .key(format!(
+                "{SIDECAR_PREFIX}/manifests/{dataset}/v{next_version}.cbor"
+            ))
+            .body(ByteStream::from(manifest.encode()))
+            .send()
+            .await
+            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        let reply = self.reply(&manifest, next_version, &op.hash.to_hex(), subject, false);
+        self.announce(&reply, &manifest, op).await;
+        tracing::info!(
+            dataset,
+            version = next_version,
+            bytes = file_len,
+            rows = manifest.rows,
+            "imported dataset"
+        );
+        Ok(reply)
+    }
+
+    /// Earlier versions of `dataset` by this node: (version, operation hash, manifest).
+    async fn versions(
+        &self,
+        dataset: &str,
+    ) -> Result<Vec<(u64, String, DatasetManifest)>, ImportError> {
+        let log = LogId::Dataset(dataset.to_string());
+        let ops = self
+            .store
+            .operations(&self.author, &log, 0, u64::MAX >> 1)
+            .await
+            .map_err(|err| ImportError::Internal(err.to_string()))?;
+        ops.into_iter()
+            .map(|op| {
+                DatasetManifest::decode(&op.body)
+                    .map(|m| (op.seq(), op.hash.to_hex(), m))
+                    .map_err(|err| ImportError::Internal(err.to_string()))
+            })
+            .collect()
+    }
+
+    fn reply(
+        &self,
+        manifest: &DatasetManifest,
+        version: u64,
+        operation: &str,
+        subject: &str,
+        existing: bool,
+    ) -> ImportReply {
+        ImportReply {
+            ok: true,
+            dataset: manifest.dataset.clone(),
+            version,
+            subject: subject.to_string(),
+            author: self.author,
+            file_hash: manifest.file_hash.clone(),
+            operation: operation.to_string(),
+            row_groups: manifest.blobs.len() - 1,
+            rows: manifest.rows,
+            bytes: manifest.file_size,
+            location: format!(
+                "s3://{}/datasets/{}/v{version}.parquet",
+                self.s3.bucket(),
+                manifest.dataset
+            ),
+            existing,
+        }
+    }
+
+    /// Reads the source once, hashing blobs and the file and uploading parts as it goes. The
+    /// upload is returned before completion: the caller makes the object visible or aborts it.
+    async fn upload<'s>(
+        &'s self,
+        source: &mut Source,
+        partition: &Partition,
+        key: &str,
+        dataset: &str,
+    ) -> Result<(Vec<blake3::Hash>, blake3::Hash, MultipartUpload<'s>), ImportError> {
+        let part_size = (self.import.part_size_mib << 20) as usize;
+        let file_len = partition.file_len;
+        let boundaries: Vec<u64> = partition.ranges().map(|r| r.end()).collect();
+        let mut file_hasher = blake3::Hasher::new();
+        let mut blob_hasher = blake3::Hasher::new();
+        let mut blob_hashes = Vec::with_capacity(boundaries.len());
+        let mut next_boundary = 0;
+        let mut upload =
+            MultipartUpload::start(&self.s3, key, self.import.upload_concurrency).await?;
+        let mut part = Vec::with_capacity(part_size.min(file_len as usize));
+        let mut offset = 0u64;
+        let mut reader = ChunkReader::new(source, &self.s3);
+        let mut last_progress = 0u64;
+        let result: Result<(), ImportError> = async {
+            while offset < file_len {
+                let want = READ_CHUNK.min((file_len - offset) as usize);
+                let chunk = reader.next(offset, want).await?;
+                if chunk.is_empty() {
+                    return Err(ImportError::Read {
+                        path: reader.describe(),
+                        reason: format!("ended at {offset} of {file_len} bytes (file changed?)"),
+                    });
+                }
+                file_hasher.update(&chunk);
+                // Split the chunk at blob boundaries for the per-blob hashes.
+                let mut rest: &[u8] = &chunk;
+                let mut position = offset;
+                while !rest.is_empty() {
+                    let boundary = boundaries[next_boundary];
+                    let take = ((boundary - position) as usize).min(rest.len());
+                    blob_hasher.update(&rest[..take]);
+                    position += take as u64;
+                    rest = &rest[take..];
+                    if position == boundary {
+                        blob_hashes.push(
+                            std::mem::replace(&mut blob_hasher, blake3::Hasher::new()).finalize(),
+                        );
+                        next_boundary += 1;
+                    }
+                }
+                offset += chunk.len() as u64;
+                part.extend_from_slice(&chunk);
+                if part.len() >= part_size {
+                    upload
+                        .part(std::mem::replace(&mut part, Vec::with_capacity(part_size)))
+                        .await?;
+                }
+                if offset - last_progress >= 64 << 20 || offset == file_len {
+                    last_progress = offset;
+                    self.progress(dataset, offset, file_len).await;
+                }
+            }
+            if !part.is_empty() || upload.is_empty() {
+                upload.part(std::mem::take(&mut part)).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            upload.abort().await;
+            return Err(err);
+        }
+        Ok((blob_hashes, file_hasher.finalize(), upload))
+    }
+
+    async fn progress(&self, dataset: &str, done: u64, total: u64) {
+        let event =
+            serde_json::json!({"dataset": dataset, "bytes_done": done, "bytes_total": total});
+        let _ = self
+            .nats
+            .publish(
+                format!("{PROGRESS_PREFIX}.{dataset}"),
+                event.to_string().into(),
+            )
+            .await;
+    }
+
+    /// Publishes the dataset summary on its subject, with the provenance headers of the manifest
+    /// operation. A failure is logged, not fatal: the version exists and is replied.
+    async fn announce(
+        &self,
+        reply: &ImportReply,
+        manifest: &DatasetManifest,
+        op: &rhio_core::operation::SignedOperation,
+    ) {
+        let summary = serde_json::json!({
+            "dataset": manifest.dataset,
+            "version": reply.version,
+            "author": manifest.author,
+            "file_hash": manifest.file_hash,
+            "rows": manifest.rows,
+            "row_groups": reply.row_groups,
+            "bytes": manifest.file_size,
+            "schema": manifest.schema,
+            "location": reply.location,
+            "created_at_micros": manifest.created_at_micros,
+        });
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in rhio_core::message::provenance_headers(op) {
+            headers.insert(name, value.as_str());
+        }
+        let result = async {
+            self.js
+                .publish_with_headers(reply.subject.clone(), headers, summary.to_string().into())
+                .await?
+                .await
+                .map(|_| ())
+                .map_err(async_nats::Error::from)
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(subject = %reply.subject, %err, "dataset imported but not announced (is a stream capturing the dataset subject?)");
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Sequential reads of the source: a file is read in order, an S3 object in large ranged GETs.
+struct ChunkReader<'a> {
+    source: &'a mut Source,
+    s3: &'a S3Store,
+    buffered: Bytes,
+    buffered_at: u64,
+    started: bool,
+}
+
+/// Bytes fetched per ranged GET when the source is in S3.
+const S3_READ: u64 = 16 << 20;
+
+impl<'a> ChunkReader<'a> {
+    fn new(source: &'a mut Source, s3: &'a S3Store) -> Self {
+        Self {
+            source,
+            s3,
+            buffered: Bytes::new(),
+            buffered_at: 0,
+            started: false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    async fn next(&mut self, offset: u64, want: usize) -> Result<Vec<u8>, ImportError> {
+        let describe = self.source.describe();
+        match &mut *self.source {
+            Source::File { file, .. } => {
+                if !self.started {
+                    file.seek(std::io::SeekFrom::Start(0))
+                        .await
+                        .map_err(|err| ImportError::Read {
+                            path: describe.clone(),
+                            reason: err.to_string(),
+                        })?;
+                    self.started = true;
+                }
+                let mut buf = vec![0u8; want];
+                let mut filled = 0;
+                while filled < want {
+                    let n =
+                        file.read(&mut buf[filled..])
+                            .await
+                            .map_err(|err| ImportError::Read {
+                                path: describe.clone(),
+                                reason: err.to_string(),
+                            })?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            }
+            Source::S3 { len, .. } => {
+                let len = *len;
+                let end_buffered = self.buffered_at + self.buffered.len() as u64;
+                if offset < self.buffered_at || offset >= end_buffered {
+                    let fetch = S3_READ.min(len - offset);
+                    let data = self.source.read_range(self.s3, offset, fetch).await?;
+                    self.buffered = Bytes::from(data);
+                    self.buffered_at = offset;
+                }
+                let start = (offset - self.buffered_at) as usize;
+                let end = (start + want).min(self.buffered.len());
+                Ok(self.buffered.slice(start..end).to_vec())
+            }
+        }
+    }
+}
+
+/// An S3 multipart upload with a bounded number of parts in flight.
+struct MultipartUpload<'a> {
+    s3: &'a S3Store,
+    key: String,
+    upload_id: String,
+    in_flight: futures::stream::FuturesOrdered<
+        tokio::task::JoinHandle<Result<CompletedPart, ImportError>>,
+    >,
+    done: Vec<CompletedPart>,
+    concurrency: usize,
+    next_part: i32,
+}
+
+impl<'a> MultipartUpload<'a> {
+    async fn start(s3: &'a S3Store, key: &str, concurrency: usize) -> Result<Self, ImportError> {
+        let created = s3
+            .client()
+            .create_multipart_upload()
+            .bucket(s3.bucket())
+            .key(key)
+            .content_type("application/vnd.apache.parquet")
+            .send()
+            .await
+            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| ImportError::StorageUnavailable("no upload id".into()))?
+            .to_string();
+        Ok(Self {
+            s3,
+            key: key.to_string(),
+            upload_id,
+            in_flight: futures::stream::FuturesOrdered::new(),
+            done: Vec::new(),
+            concurrency,
+            next_part: 1,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next_part == 1
+    }
+
+    async fn part(&mut self, data: Vec<u8>) -> Result<(), ImportError> {
+        while self.in_flight.len() >= self.concurrency {
+            self.collect_one().await?;
+        }
+        let client = self.s3.client().clone();
+        let bucket = self.s3.bucket().to_string();
+        let key = self.key.clone();
+        let upload_id = self.upload_id.clone();
+        let number = self.next_part;
+        self.next_part += 1;
+        self.in_flight.push_back(tokio::spawn(async move {
+            let uploaded = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(uploaded.e_tag().map(str::to_string))
+                .build())
+        }));
+        Ok(())
+    }
+
+    async fn collect_one(&mut self) -> Result<(), ImportError> {
+        if let Some(joined) = self.in_flight.next().await {
+            let part = joined.map_err(|err| ImportError::Internal(err.to_string()))??;
+            self.done.push(part);
+        }
+        Ok(())
+    }
+
+    async fn complete(mut self) -> Result<(), ImportError> {
+        while !self.in_flight.is_empty() {
+            if let Err(err) = self.collect_one().await {
+                self.abort().await;
+                return Err(err);
+            }
+        }
+        let parts = std::mem::take(&mut self.done);
+        self.s3
+            .client()
+            .complete_multipart_upload()
+            .bucket(self.s3.bucket())
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        while self.in_flight.next().await.is_some() {}
+        let _ = self
+            .s3
+            .client()
+            .abort_multipart_upload()
+            .bucket(self.s3.bucket())
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_as_path_or_json() {
+        let bare = ImportRequest::parse(b" /data/weather.parquet\n").unwrap();
+        assert_eq!(bare.path, "/data/weather.parquet");
+        assert_eq!(bare.dataset_name().unwrap(), "weather");
+        let json =
+            ImportRequest::parse(br#"{"path": "s3://rhio/in/x.parquet", "dataset": "climate"}"#)
+                .unwrap();
+        assert_eq!(json.dataset_name().unwrap(), "climate");
+        assert_eq!(ImportRequest::parse(b"").unwrap_err().code(), "bad_request");
+        assert_eq!(
+            ImportRequest::parse(br#"{"file": "x"}"#)
+                .unwrap_err()
+                .code(),
+            "bad_request"
+        );
+        let bad_name = ImportRequest::parse(b"/data/we ather.parquet").unwrap();
+        assert_eq!(bad_name.dataset_name().unwrap_err().code(), "bad_request");
+    }
+}

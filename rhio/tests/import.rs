@@ -1,0 +1,259 @@
+//! `rhio.import` against real NATS and S3: files written by pyarrow, every error case, repeats,
+//! concurrency and S3 sources.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{LocalEnv, NodeSpec, RhioNode, make_parquet, s3_client};
+use rhio_core::manifest::DatasetManifest;
+use serde_json::Value;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Setup {
+    env: LocalEnv,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    outside: PathBuf,
+    node: RhioNode,
+    rt: tokio::runtime::Runtime,
+}
+
+fn setup() -> Setup {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let outside = dir.path().join("private");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
+    spec.import_roots = vec![root.clone()];
+    let node = RhioNode::start(spec);
+    node.wait_healthy();
+    Setup {
+        env,
+        _dir: dir,
+        root,
+        outside,
+        node,
+        rt: runtime(),
+    }
+}
+
+impl Setup {
+    fn import(&self, path: &str, dataset: Option<&str>) -> Value {
+        self.rt.block_on(async {
+            let client = rhio_client::Client::connect(&self.env.clusters[0].nats_url)
+                .await
+                .unwrap();
+            client
+                .import(path, dataset, None, Duration::from_secs(600))
+                .await
+                .unwrap()
+        })
+    }
+
+    fn error_code(&self, path: &str) -> String {
+        let answer = self.import(path, Some("errors"));
+        assert_eq!(answer["ok"], false, "{answer}");
+        answer["error"]["code"].as_str().unwrap().to_string()
+    }
+
+    fn object(&self, key: &str) -> Vec<u8> {
+        self.rt.block_on(async {
+            let s3 = s3_client(&self.env.clusters[0]);
+            s3.get_object()
+                .bucket("rhio")
+                .key(key)
+                .send()
+                .await
+                .unwrap_or_else(|err| panic!("{key}: {err:?}"))
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .into_bytes()
+                .to_vec()
+        })
+    }
+}
+
+/// Checks the stored object and manifest against the original file.
+fn check_stored(setup: &Setup, answer: &Value, original: &[u8]) {
+    let dataset = answer["dataset"].as_str().unwrap();
+    let version = answer["version"].as_u64().unwrap();
+    let object = setup.object(&format!("datasets/{dataset}/v{version}.parquet"));
+    assert!(
+        object == original,
+        "stored object differs from the original"
+    );
+    assert_eq!(
+        answer["file_hash"],
+        blake3::hash(original).to_hex().as_str()
+    );
+    let manifest = DatasetManifest::decode(
+        &setup.object(&format!(".rhio/manifests/{dataset}/v{version}.cbor")),
+    )
+    .unwrap();
+    assert_eq!(manifest.file_size, original.len() as u64);
+    assert_eq!(
+        manifest.blobs.len() as u64,
+        answer["row_groups"].as_u64().unwrap() + 1
+    );
+    for blob in &manifest.blobs {
+        let bytes = &original[blob.offset as usize..(blob.offset + blob.length) as usize];
+        assert_eq!(blob.hash, blake3::hash(bytes).to_hex().as_str());
+    }
+}
+
+#[test]
+fn imports_a_large_pyarrow_file_and_answers_repeats_with_the_existing_version() {
+    let setup = setup();
+    let path = setup.root.join("weather.parquet");
+    make_parquet(&["sized", path.to_str().unwrap(), "110", "7040"]);
+    let original = std::fs::read(&path).unwrap();
+    assert!(original.len() > 100 << 20);
+
+    let answer = setup.import(path.to_str().unwrap(), None);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["dataset"], "weather");
+    assert_eq!(answer["version"], 0);
+    assert_eq!(answer["subject"], "datasets.weather");
+    assert_eq!(answer["row_groups"], 16);
+    assert_eq!(answer["rows"], 110 * 1024);
+    assert_eq!(answer["bytes"], original.len());
+    assert_eq!(answer["location"], "s3://rhio/datasets/weather/v0.parquet");
+    assert_eq!(answer["author"], setup.node.spec.public_key().as_str());
+    check_stored(&setup, &answer, &original);
+
+    let again = setup.import(path.to_str().unwrap(), None);
+    assert_eq!(again["version"], 0, "{again}");
+    assert_eq!(again["existing"], true);
+    assert_eq!(again["operation"], answer["operation"]);
+}
+
+#[test]
+fn every_bad_input_gets_its_error_code_and_the_node_keeps_serving() {
+    let setup = setup();
+    let root = &setup.root;
+    make_parquet(&[
+        "sized",
+        root.join("good.parquet").to_str().unwrap(),
+        "2",
+        "512",
+    ]);
+    let good = std::fs::read(root.join("good.parquet")).unwrap();
+    std::fs::write(root.join("empty.parquet"), b"").unwrap();
+    std::fs::write(root.join("table.csv"), b"a,b,c\n1,2,3\n4,5,6\n7,8,9\n").unwrap();
+    std::fs::write(root.join("truncated.parquet"), &good[..good.len() - 100]).unwrap();
+    let mut corrupt = good.clone();
+    let n = corrupt.len();
+    let meta_len = u32::from_le_bytes(corrupt[n - 8..n - 4].try_into().unwrap()) as usize;
+    for byte in &mut corrupt[n - 8 - meta_len..n - 8] {
+        *byte = 0xee;
+    }
+    std::fs::write(root.join("corrupt.parquet"), &corrupt).unwrap();
+    std::fs::create_dir(root.join("folder")).unwrap();
+    std::fs::write(setup.outside.join("secret.parquet"), &good).unwrap();
+    std::os::unix::fs::symlink(
+        setup.outside.join("secret.parquet"),
+        root.join("link.parquet"),
+    )
+    .unwrap();
+
+    let p = |name: &str| root.join(name).to_str().unwrap().to_string();
+    assert_eq!(setup.error_code(&p("missing.parquet")), "not_found");
+    assert_eq!(setup.error_code(&p("folder")), "not_a_file");
+    assert_eq!(setup.error_code(&p("empty.parquet")), "not_parquet");
+    assert_eq!(setup.error_code(&p("table.csv")), "not_parquet");
+    assert_eq!(setup.error_code(&p("truncated.parquet")), "not_parquet");
+    assert_eq!(setup.error_code(&p("corrupt.parquet")), "corrupt_parquet");
+    let outside = setup.outside.join("secret.parquet");
+    assert_eq!(
+        setup.error_code(outside.to_str().unwrap()),
+        "forbidden_path"
+    );
+    let dotdot = format!("{}/../private/secret.parquet", root.display());
+    assert_eq!(setup.error_code(&dotdot), "forbidden_path");
+    assert_eq!(setup.error_code(&p("link.parquet")), "forbidden_path");
+    assert_eq!(setup.error_code("relative/file.parquet"), "bad_request");
+    assert_eq!(
+        setup.error_code("s3://another-bucket/x.parquet"),
+        "forbidden_path"
+    );
+    assert_eq!(
+        setup.error_code("s3://rhio/nothing/here.parquet"),
+        "not_found"
+    );
+
+    // Nothing half-written became visible.
+    let listed = setup.rt.block_on(async {
+        s3_client(&setup.env.clusters[0])
+            .list_objects_v2()
+            .bucket("rhio")
+            .prefix("datasets/")
+            .send()
+            .await
+            .unwrap()
+            .key_count()
+            .unwrap_or(0)
+    });
+    assert_eq!(listed, 0);
+
+    // S3 down: a clear error, then the node recovers and imports.
+    setup.env.stop("s3-a");
+    assert_eq!(setup.error_code(&p("good.parquet")), "storage_unavailable");
+    setup.env.start("s3-a");
+    setup.node.wait_healthy();
+    let answer = setup.import(&p("good.parquet"), None);
+    assert_eq!(answer["ok"], true, "{answer}");
+    check_stored(&setup, &answer, &good);
+}
+
+#[test]
+fn concurrent_imports_and_imports_from_s3() {
+    let setup = setup();
+    let a = setup.root.join("alpha.parquet");
+    let b = setup.root.join("beta.parquet");
+    make_parquet(&["sized", a.to_str().unwrap(), "12", "1024"]);
+    make_parquet(&["sized", b.to_str().unwrap(), "9", "1024"]);
+    let (alpha, beta) = std::thread::scope(|scope| {
+        let one = scope.spawn(|| setup.import(a.to_str().unwrap(), None));
+        let two = scope.spawn(|| setup.import(b.to_str().unwrap(), None));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_eq!(alpha["ok"], true, "{alpha}");
+    assert_eq!(beta["ok"], true, "{beta}");
+    check_stored(&setup, &alpha, &std::fs::read(&a).unwrap());
+    check_stored(&setup, &beta, &std::fs::read(&b).unwrap());
+
+    // A file already in the cluster's bucket.
+    let original = std::fs::read(&a).unwrap();
+    setup.rt.block_on(async {
+        s3_client(&setup.env.clusters[0])
+            .put_object()
+            .bucket("rhio")
+            .key("incoming/gamma.parquet")
+            .body(original.clone().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let gamma = setup.import("s3://rhio/incoming/gamma.parquet", None);
+    assert_eq!(gamma["ok"], true, "{gamma}");
+    assert_eq!(gamma["dataset"], "gamma");
+    check_stored(&setup, &gamma, &original);
+
+    // The same dataset name again with different bytes: a new version.
+    let next = setup.import(b.to_str().unwrap(), Some("alpha"));
+    assert_eq!(next["version"], 1, "{next}");
+    assert_eq!(next["existing"], false);
+}
