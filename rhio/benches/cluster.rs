@@ -237,6 +237,8 @@ struct Clusters {
     env: LocalEnv,
     _dirs: Vec<tempfile::TempDir>,
     nodes: Vec<RhioNode>,
+    /// Import root of node A.
+    data: std::path::PathBuf,
 }
 
 /// Two clusters with a rhio node each: A publishes `bench.rhio.>` (stream RHIO_OUT), B subscribes
@@ -245,8 +247,12 @@ struct Clusters {
 async fn clusters() -> Clusters {
     let env = LocalEnv::up(2);
     let dirs = vec![tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
+    let data = dirs[0].path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], &dirs[0].path().join("node"));
     let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
+    a.import_roots = vec![data.clone()];
+    a.part_size_mib = IMPORT_PART_MIB;
     let key_a = a.public_key();
     a.known_nodes.push((b.public_key(), b.quic_port));
     b.known_nodes.push((key_a.clone(), a.quic_port));
@@ -278,7 +284,117 @@ async fn clusters() -> Clusters {
         env,
         _dirs: dirs,
         nodes: vec![node_a, node_b],
+        data,
     }
+}
+
+// ------------------------------------------------------------------------------------- import
+
+/// Part size and parts in flight, the same for rhio's import and the baseline upload.
+const IMPORT_PART_MIB: u64 = 8;
+const IMPORT_CONCURRENCY: usize = 4;
+
+/// `rhio.import` of `path` as dataset `name`; returns MiB/s.
+async fn import_rhio(clusters: &Clusters, path: &std::path::Path, name: &str) -> f64 {
+    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
+        .await
+        .unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    let start = Instant::now();
+    let answer = client
+        .import(
+            path.to_str().unwrap(),
+            Some(name),
+            None,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(answer["ok"], true, "{answer}");
+    len as f64 / (1 << 20) as f64 / secs
+}
+
+/// The baseline: the same file uploaded with aws-sdk-s3 multipart, same part size and
+/// concurrency, without hashing or partitioning. Returns MiB/s.
+async fn import_baseline(clusters: &Clusters, path: &std::path::Path, key: &str) -> f64 {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    use tokio::io::AsyncReadExt;
+    let s3 = common::s3_client(&clusters.env.clusters[0]);
+    let bucket = clusters.env.clusters[0].s3_bucket.clone();
+    let part_size = (IMPORT_PART_MIB << 20) as usize;
+    let len = std::fs::metadata(path).unwrap().len();
+    let start = Instant::now();
+    let upload = s3
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap().to_string();
+    let mut file = tokio::fs::File::open(path).await.unwrap();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut parts = Vec::new();
+    let mut number = 1;
+    loop {
+        let mut buf = vec![0u8; part_size];
+        let mut filled = 0;
+        while filled < part_size {
+            let n = file.read(&mut buf[filled..]).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        if in_flight.len() >= IMPORT_CONCURRENCY {
+            parts.push(in_flight.next().await.unwrap());
+        }
+        let (s3, bucket, key, upload_id) = (
+            s3.clone(),
+            bucket.clone(),
+            key.to_string(),
+            upload_id.clone(),
+        );
+        let part_number = number;
+        number += 1;
+        in_flight.push_back(async move {
+            let done = s3
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(part_number)
+                .body(buf.into())
+                .send()
+                .await
+                .unwrap();
+            CompletedPart::builder()
+                .part_number(part_number)
+                .set_e_tag(done.e_tag().map(str::to_string))
+                .build()
+        });
+    }
+    while let Some(part) = in_flight.next().await {
+        parts.push(part);
+    }
+    s3.complete_multipart_upload()
+        .bucket(&bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    len as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// The baseline: consume A's stream with a durable pull consumer and republish into B's
@@ -554,6 +670,54 @@ fn main() {
     ));
     results.insert("s3_put_mib_s".into(), json!(put));
     results.insert("s3_get_mib_s".into(), json!(get));
+
+    // import: interleaved with the baseline upload of the same file.
+    let import_mib = if settings.quick { 128 } else { 1024 };
+    let import_file = clusters.data.join("bench.parquet");
+    common::make_parquet(&[
+        "sized",
+        import_file.to_str().unwrap(),
+        &import_mib.to_string(),
+        // ~64 MiB row groups
+        "65536",
+    ]);
+    let mut rhio_imports = Vec::new();
+    let mut baseline_imports = Vec::new();
+    for round in 0..settings.runs {
+        rhio_imports.push(runtime.block_on(import_rhio(
+            &clusters,
+            &import_file,
+            &format!("bench_{round}"),
+        )));
+        baseline_imports.push(runtime.block_on(import_baseline(
+            &clusters,
+            &import_file,
+            &format!("bench/baseline-{round}.parquet"),
+        )));
+    }
+    let rhio_import = median(rhio_imports.clone());
+    let baseline_import = median(baseline_imports.clone());
+    rows.push((
+        "import".into(),
+        format!("{import_mib} MiB Parquet -> S3 (8 MiB parts, 4 in flight)"),
+        format!("{rhio_import:.0} MiB/s"),
+        format!("{baseline_import:.0} MiB/s"),
+        format!("{:.2}x", rhio_import / baseline_import),
+    ));
+    let rss_import = peak_rss_mib(clusters.nodes[0].pid());
+    rows.push((
+        "memory".into(),
+        "peak RSS node a (after import)".into(),
+        format!("{rss_import:.0} MiB"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("import_mib_s".into(), json!(rhio_import));
+    results.insert("import_baseline_mib_s".into(), json!(baseline_import));
+    results.insert("import_runs".into(), json!(rhio_imports));
+    results.insert("import_baseline_runs".into(), json!(baseline_imports));
+    results.insert("rss_node_a_after_import_mib".into(), json!(rss_import));
+    let _ = std::fs::remove_file(&import_file);
 
     // messages: the bridge runs for the whole scenario, like a deployed bridge would.
     let stop = tokio_util::sync::CancellationToken::new();

@@ -177,6 +177,7 @@ pub struct NodeSpec {
     pub create_bucket: bool,
     pub create_streams: bool,
     pub import_roots: Vec<PathBuf>,
+    pub part_size_mib: u64,
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
     pub extra: String,
@@ -196,6 +197,7 @@ impl NodeSpec {
             create_bucket: false,
             create_streams: true,
             import_roots: Vec::new(),
+            part_size_mib: 5,
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
             extra: String::new(),
@@ -239,7 +241,7 @@ create_bucket = {create_bucket}
 
 [import]
 roots = {import_roots:?}
-part_size_mib = 5
+part_size_mib = {part_size_mib}
 
 [network]
 network_id = "{network_id}"
@@ -258,6 +260,7 @@ max_retry_interval_secs = 2
             create_bucket = self.create_bucket,
             create_streams = self.create_streams,
             import_roots = self.import_roots,
+            part_size_mib = self.part_size_mib,
             network_id = self.network_id,
             quic_port = self.quic_port,
         );
