@@ -6,17 +6,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{LocalEnv, NodeSpec, RhioNode, make_parquet, s3_client};
+use common::{LocalEnv, NodeSpec, RhioNode, make_parquet, runtime, s3_client};
 use rhio_core::manifest::DatasetManifest;
 use serde_json::Value;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 struct Setup {
     env: LocalEnv,

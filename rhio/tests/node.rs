@@ -5,14 +5,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{LocalEnv, NodeSpec, RhioNode, http_get, run_rhio, wait_for};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use common::{LocalEnv, NodeSpec, RhioNode, http_get, run_rhio, runtime, wait_for};
 
 #[test]
 fn serves_health_metrics_and_status_then_stops_on_sigint() {

@@ -8,18 +8,10 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use common::{
-    LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, stream_messages,
-    subscribe_toml, wait_for,
+    LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, runtime,
+    stream_messages, subscribe_toml, wait_for,
 };
 use rhio_core::message::{HEADER_MSG_ID, verify_provenance};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn payload(i: usize, size: usize) -> Vec<u8> {
     let mut bytes = format!("message {i:06} ").into_bytes();
