@@ -45,6 +45,12 @@ pub struct ImportConfig {
     pub part_size_mib: u64,
     /// Parts uploaded at once per import.
     pub upload_concurrency: usize,
+    /// Durable variant: import requests published on this subject are kept in the JetStream
+    /// work-queue stream `queue_stream` until an import finished (empty: off).
+    pub queue_subject: String,
+    pub queue_stream: String,
+    /// Where the outcome of each queued import is published (core NATS).
+    pub results_subject: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +69,9 @@ impl Default for ImportConfig {
             max_concurrent: 2,
             part_size_mib: 8,
             upload_concurrency: 4,
+            queue_subject: "rhio.import.queue".into(),
+            queue_stream: "RHIO_IMPORTS".into(),
+            results_subject: "rhio.import.results".into(),
         }
     }
 }

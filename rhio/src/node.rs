@@ -108,6 +108,7 @@ pub struct Node {
     tasks: JoinSet<()>,
     nats: NatsConnection,
     network: Network,
+    store: Store,
     status: StatusSource,
     http_addr: std::net::SocketAddr,
 }
@@ -204,7 +205,8 @@ impl Node {
             config.import.clone(),
             config.datasets.clone(),
         ));
-        tasks.spawn(importer.serve(shutdown.clone()));
+        tasks.spawn(importer.clone().serve(shutdown.clone()));
+        tasks.spawn(importer.serve_queue(config.nats.create_streams, shutdown.clone()));
 
         let status = StatusSource::new(
             key.public_key(),
@@ -239,6 +241,7 @@ impl Node {
             tasks,
             nats,
             network,
+            store,
             status,
             http_addr,
         })
@@ -252,10 +255,15 @@ impl Node {
         self.http_addr
     }
 
-    /// Stops accepting work, lets tasks finish, flushes NATS and closes the QUIC endpoint.
+    /// Stops accepting work, lets running imports finish (the process's shutdown timeout bounds
+    /// this), writes pending store state, flushes NATS and closes the QUIC endpoint.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        // Delivered positions are written lazily; write them now so a restart repeats nothing.
+        if let Err(err) = self.store.flush().await {
+            tracing::warn!(%err, "could not write delivered positions at shutdown");
+        }
         self.nats.flush().await;
         self.network.close().await;
     }

@@ -249,3 +249,77 @@ fn concurrent_imports_and_imports_from_s3() {
     assert_eq!(next["version"], 1, "{next}");
     assert_eq!(next["existing"], false);
 }
+
+#[test]
+fn queued_imports_survive_a_node_that_was_down() {
+    use futures::StreamExt;
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("queued.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "6", "1024"]);
+    let rt = runtime();
+    let nats_url = env.clusters[0].nats_url.clone();
+    // The request is stored in JetStream while no node runs.
+    let mut results = rt.block_on(async {
+        let client = async_nats::connect(&nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "RHIO_IMPORTS".into(),
+            subjects: vec!["rhio.import.queue".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish(
+            "rhio.import.queue",
+            file.to_str().unwrap().to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let results = client.subscribe("rhio.import.results").await.unwrap();
+        client.flush().await.unwrap();
+        (client, results)
+    });
+
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
+    spec.import_roots = vec![root.clone()];
+    let node = RhioNode::start(spec);
+    node.wait_healthy();
+    let outcome: Value = rt.block_on(async {
+        let message = tokio::time::timeout(Duration::from_secs(120), results.1.next())
+            .await
+            .expect("an import result")
+            .unwrap();
+        serde_json::from_slice(&message.payload).unwrap()
+    });
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    assert_eq!(outcome["dataset"], "queued");
+    assert_eq!(outcome["request"], file.to_str().unwrap());
+    // Acked after the import: the work queue is empty.
+    let left = rt.block_on(async {
+        let js = async_nats::jetstream::new(results.0.clone());
+        let mut waited = 0;
+        loop {
+            let messages = js
+                .get_stream("RHIO_IMPORTS")
+                .await
+                .unwrap()
+                .get_info()
+                .await
+                .unwrap()
+                .state
+                .messages;
+            if messages == 0 || waited > 50 {
+                return messages;
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert_eq!(left, 0);
+}

@@ -250,8 +250,10 @@ impl Importer {
         }
     }
 
-    /// Answers `rhio.import` requests until shutdown; each import runs in its own task.
+    /// Answers `rhio.import` requests until shutdown; each import runs in its own task, and
+    /// running imports are finished before this returns.
     pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut running = tokio::task::JoinSet::new();
         let mut requests = match self.nats.subscribe(IMPORT_SUBJECT).await {
             Ok(subscriber) => subscriber,
             Err(err) => {
@@ -269,7 +271,9 @@ impl Importer {
                 continue;
             };
             let importer = self.clone();
-            tokio::spawn(async move {
+            // Reap finished imports as we go.
+            while running.try_join_next().is_some() {}
+            running.spawn(async move {
                 let answer = match importer.import_request(&request.payload).await {
                     Ok(reply) => serde_json::to_vec(&reply).expect("reply serializes"),
                     Err(err) => {
@@ -287,6 +291,140 @@ impl Importer {
             });
         }
         let _ = requests.unsubscribe().await;
+        if !running.is_empty() {
+            tracing::info!(
+                imports = running.len(),
+                "finishing running imports before stopping"
+            );
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// The durable variant: works off the JetStream work queue until shutdown. A message is
+    /// acked when its import finished (successfully or with a permanent error), and asked to be
+    /// redelivered later when S3 was unavailable or too many imports ran.
+    pub async fn serve_queue(self: Arc<Self>, create_stream: bool, shutdown: CancellationToken) {
+        if self.import.queue_subject.is_empty() {
+            return;
+        }
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.clone().work_queue(create_stream, &shutdown) => result,
+            };
+            if let Err(err) = result {
+                tracing::warn!(%err, stream = %self.import.queue_stream, "durable import queue paused; retrying");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    async fn work_queue(
+        self: Arc<Self>,
+        create_stream: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        use async_nats::jetstream::{self, AckKind, consumer::pull};
+        let stream = match self.js.get_stream(&self.import.queue_stream).await {
+            Ok(stream) => stream,
+            Err(_) if create_stream => self
+                .js
+                .create_stream(jetstream::stream::Config {
+                    name: self.import.queue_stream.clone(),
+                    subjects: vec![self.import.queue_subject.clone()],
+                    retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| format!("cannot create the import queue stream: {err}"))?,
+            Err(err) => {
+                return Err(format!(
+                    "import queue stream {:?} is not available ({err}); create it (work-queue retention, subject {:?}) or set nats.create_streams = true",
+                    self.import.queue_stream, self.import.queue_subject
+                ));
+            }
+        };
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                "rhio-import",
+                pull::Config {
+                    durable_name: Some("rhio-import".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: std::time::Duration::from_secs(60),
+                    max_ack_pending: self.import.max_concurrent as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|err| format!("cannot open the import queue consumer: {err}"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|err| format!("cannot read the import queue: {err}"))?;
+        tracing::info!(subject = %self.import.queue_subject, "durable import queue ready");
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { break };
+            let message = message.map_err(|err| format!("reading the import queue: {err}"))?;
+            while running.try_join_next().is_some() {}
+            let importer = self.clone();
+            running.spawn(async move {
+                // Keep the message ours while the import runs.
+                let progress = {
+                    let message = message.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+                            if message.ack_with(AckKind::Progress).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                };
+                let result = importer.import_request(&message.payload).await;
+                progress.abort();
+                let retry = matches!(
+                    result,
+                    Err(ImportError::StorageUnavailable(_) | ImportError::Busy(_))
+                );
+                let mut outcome = match &result {
+                    Ok(reply) => serde_json::to_value(reply).expect("reply serializes"),
+                    Err(err) => serde_json::json!({
+                        "ok": false,
+                        "error": {"code": err.code(), "message": err.to_string()},
+                    }),
+                };
+                outcome["request"] = serde_json::Value::String(
+                    String::from_utf8_lossy(&message.payload).to_string(),
+                );
+                outcome["will_retry"] = serde_json::Value::Bool(retry);
+                let _ = importer
+                    .nats
+                    .publish(
+                        importer.import.results_subject.clone(),
+                        outcome.to_string().into(),
+                    )
+                    .await;
+                let ack = if retry {
+                    AckKind::Nak(Some(std::time::Duration::from_secs(5)))
+                } else {
+                    AckKind::Ack
+                };
+                if let Err(err) = message.ack_with(ack).await {
+                    tracing::warn!(%err, "cannot acknowledge a queued import");
+                }
+            });
+        }
+        while running.join_next().await.is_some() {}
+        Ok(())
     }
 
     pub async fn import_request(&self, body: &[u8]) -> Result<ImportReply, ImportError> {
