@@ -145,6 +145,19 @@ fn log_event(endpoint: &str, event: async_nats::Event) {
     }
 }
 
+/// The headers of a NATS message as (name, value) pairs, every value of a name in order.
+pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
+    headers
+        .into_iter()
+        .flat_map(|map| map.iter())
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.to_string(), value.as_str().to_string()))
+        })
+        .collect()
+}
+
 /// Subjects of rhio's request/reply services; a JetStream stream capturing one of them answers
 /// requests with a PubAck before rhio can.
 pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import"];

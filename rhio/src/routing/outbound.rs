@@ -140,16 +140,7 @@ impl Publisher {
                 continue; // signed before a crash, acked too late
             }
             last_seq = last_seq.max(seq);
-            let headers: Vec<(String, String)> = message
-                .headers
-                .iter()
-                .flat_map(|map| map.iter())
-                .flat_map(|(name, values)| {
-                    values
-                        .iter()
-                        .map(move |value| (name.to_string(), value.as_str().to_string()))
-                })
-                .collect();
+            let headers = crate::nats::header_pairs(message.headers.as_ref());
             if is_routed(headers.iter().map(|(name, _)| name)) {
                 skipped_routed += 1;
                 continue;

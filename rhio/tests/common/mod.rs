@@ -475,14 +475,7 @@ pub async fn stream_messages(
 
 /// Headers of a stored message as (name, value) pairs.
 pub fn header_pairs(headers: &async_nats::HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .flat_map(|(name, values)| {
-            values
-                .iter()
-                .map(move |value| (name.to_string(), value.as_str().to_string()))
-        })
-        .collect()
+    rhio::nats::header_pairs(Some(headers))
 }
 
 /// A routing section for a node config.
