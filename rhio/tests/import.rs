@@ -103,7 +103,43 @@ fn check_stored(setup: &Setup, answer: &Value, original: &[u8]) {
     for blob in &manifest.blobs {
         let bytes = &original[blob.offset as usize..(blob.offset + blob.length) as usize];
         assert_eq!(blob.hash, blake3::hash(bytes).to_hex().as_str());
+        // The stored outboard is the blob's bao tree (16 KiB groups) with the same root.
+        let stored = setup.object(&format!(".rhio/outboards/{}.obao4", blob.hash));
+        let mut expected = Vec::new();
+        let root = bao_tree::io::sync::outboard_post_order(
+            bytes,
+            bao_tree::BaoTree::new(blob.length, bao_tree::BlockSize::from_chunk_log(4)),
+            &mut expected,
+        )
+        .unwrap();
+        assert_eq!(root.to_hex().as_str(), blob.hash);
+        assert!(stored == expected, "outboard of blob at {}", blob.offset);
     }
+}
+
+/// Bytes under rhio's hidden prefix, against the Parquet bytes stored.
+fn sidecar_overhead(setup: &Setup) -> f64 {
+    setup.rt.block_on(async {
+        let s3 = s3_client(&setup.env.clusters[0]);
+        let size = |prefix: &'static str| {
+            let s3 = s3.clone();
+            async move {
+                let listed = s3
+                    .list_objects_v2()
+                    .bucket("rhio")
+                    .prefix(prefix)
+                    .send()
+                    .await
+                    .unwrap();
+                listed
+                    .contents()
+                    .iter()
+                    .map(|o| o.size().unwrap_or(0) as f64)
+                    .sum::<f64>()
+            }
+        };
+        size(".rhio/").await / size("datasets/").await
+    })
 }
 
 #[test]
@@ -125,6 +161,9 @@ fn imports_a_large_pyarrow_file_and_answers_repeats_with_the_existing_version() 
     assert_eq!(answer["location"], "s3://rhio/datasets/weather/v0.parquet");
     assert_eq!(answer["author"], setup.node.spec.public_key().as_str());
     check_stored(&setup, &answer, &original);
+    let overhead = sidecar_overhead(&setup);
+    eprintln!("sidecar overhead: {:.3}%", overhead * 100.0);
+    assert!(overhead < 0.02, "sidecars add {:.2}%", overhead * 100.0);
 
     let again = setup.import(path.to_str().unwrap(), None);
     assert_eq!(again["version"], 0, "{again}");

@@ -6,7 +6,9 @@
 //! its blob, the hash of the whole file and an S3 multipart upload part. The object appears at
 //! `datasets/<name>/v<version>.parquet` only when the upload completes; the signed manifest is
 //! stored in the node's dataset log (version = log position), written as a sidecar under
-//! `.rhio/manifests/`, announced on the dataset subject, and replied to the requester.
+//! `.rhio/manifests/`, announced on the dataset subject, and replied to the requester. Each blob's
+//! bao outboard (computed on a blocking thread from the same read) is stored under
+//! `.rhio/outboards/<blob hash>.obao4`; its root is the blob's BLAKE3 hash in the manifest.
 //! Importing the same bytes again for the same dataset answers with the existing version.
 
 use std::collections::HashMap;
@@ -696,10 +698,11 @@ impl Importer {
         let part_size = (self.import.part_size_mib << 20) as usize;
         let file_len = partition.file_len;
         let boundaries: Vec<u64> = partition.ranges().map(|r| r.end()).collect();
+        let lengths: Vec<u64> = partition.ranges().map(|r| r.length).collect();
         let mut file_hasher = blake3::Hasher::new();
-        let mut blob_hasher = blake3::Hasher::new();
         let mut blob_hashes = Vec::with_capacity(boundaries.len());
         let mut next_boundary = 0;
+        let mut outboard = Some(OutboardBuilder::start(lengths[0]));
         let mut upload =
             MultipartUpload::start(&self.s3, key, self.import.upload_concurrency).await?;
         let mut part = Vec::with_capacity(part_size.min(file_len as usize));
@@ -717,20 +720,28 @@ impl Importer {
                     });
                 }
                 file_hasher.update(&chunk);
-                // Split the chunk at blob boundaries for the per-blob hashes.
-                let mut rest: &[u8] = &chunk;
+                let chunk = Bytes::from(chunk);
+                // Split the chunk at blob boundaries: each blob's bytes feed its outboard.
                 let mut position = offset;
-                while !rest.is_empty() {
+                while position < offset + chunk.len() as u64 {
                     let boundary = boundaries[next_boundary];
-                    let take = ((boundary - position) as usize).min(rest.len());
-                    blob_hasher.update(&rest[..take]);
-                    position += take as u64;
-                    rest = &rest[take..];
+                    let end = boundary.min(offset + chunk.len() as u64);
+                    let piece = chunk.slice((position - offset) as usize..(end - offset) as usize);
+                    outboard
+                        .as_ref()
+                        .expect("a blob is open while bytes remain")
+                        .feed(piece)
+                        .await?;
+                    position = end;
                     if position == boundary {
-                        blob_hashes.push(
-                            std::mem::replace(&mut blob_hasher, blake3::Hasher::new()).finalize(),
-                        );
+                        let (hash, tree) =
+                            outboard.take().expect("a blob is open").finish().await?;
+                        self.store_outboard(&hash, tree).await?;
+                        blob_hashes.push(hash);
                         next_boundary += 1;
+                        if let Some(&length) = lengths.get(next_boundary) {
+                            outboard = Some(OutboardBuilder::start(length));
+                        }
                     }
                 }
                 offset += chunk.len() as u64;
@@ -756,6 +767,24 @@ impl Importer {
             return Err(err);
         }
         Ok((blob_hashes, file_hasher.finalize(), upload))
+    }
+
+    /// Stores a blob's bao outboard beside the data; replication serves verified ranges from it.
+    async fn store_outboard(
+        &self,
+        hash: &blake3::Hash,
+        outboard: Vec<u8>,
+    ) -> Result<(), ImportError> {
+        self.s3
+            .client()
+            .put_object()
+            .bucket(self.s3.bucket())
+            .key(outboard_key(hash))
+            .body(ByteStream::from(outboard))
+            .send()
+            .await
+            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        Ok(())
     }
 
     async fn progress(&self, dataset: &str, done: u64, total: u64) {
@@ -806,6 +835,74 @@ impl Importer {
         if let Err(err) = result {
             tracing::warn!(subject = %reply.subject, %err, "dataset imported but not announced (is a stream capturing the dataset subject?)");
         }
+    }
+}
+
+/// Chunk groups of 16 KiB (2^4 BLAKE3 chunks), as iroh-blobs uses: the outboard is 0.39% of the
+/// data and a corrupt byte is caught within one group.
+pub const BAO_BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
+
+/// Key of a blob's outboard (post order, no size prefix): `.rhio/outboards/<hash>.obao4`.
+pub fn outboard_key(hash: &blake3::Hash) -> String {
+    format!("{SIDECAR_PREFIX}/outboards/{}.obao4", hash.to_hex())
+}
+
+/// Computes a blob's bao outboard on a blocking thread while its bytes stream past.
+struct OutboardBuilder {
+    bytes: tokio::sync::mpsc::Sender<Bytes>,
+    task: tokio::task::JoinHandle<std::io::Result<(blake3::Hash, Vec<u8>)>>,
+}
+
+impl OutboardBuilder {
+    fn start(length: u64) -> Self {
+        let (bytes, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let task = tokio::task::spawn_blocking(move || {
+            let reader = ChannelReader {
+                receiver,
+                current: Bytes::new(),
+            };
+            let mut outboard = Vec::new();
+            let tree = bao_tree::BaoTree::new(length, BAO_BLOCK_SIZE);
+            let hash = bao_tree::io::sync::outboard_post_order(reader, tree, &mut outboard)?;
+            Ok((hash, outboard))
+        });
+        Self { bytes, task }
+    }
+
+    async fn feed(&self, data: Bytes) -> Result<(), ImportError> {
+        self.bytes
+            .send(data)
+            .await
+            .map_err(|_| ImportError::Internal("outboard computation stopped".into()))
+    }
+
+    async fn finish(self) -> Result<(blake3::Hash, Vec<u8>), ImportError> {
+        drop(self.bytes);
+        self.task
+            .await
+            .map_err(|err| ImportError::Internal(err.to_string()))?
+            .map_err(|err| ImportError::Internal(format!("outboard: {err}")))
+    }
+}
+
+/// `Read` over the chunks sent to an [`OutboardBuilder`].
+struct ChannelReader {
+    receiver: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(bytes) => self.current = bytes,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        bytes::Buf::advance(&mut self.current, n);
+        Ok(n)
     }
 }
 
