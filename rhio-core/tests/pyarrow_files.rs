@@ -1,7 +1,7 @@
 //! The row-group partition on files written by pyarrow (the tool most producers use), made by
 //! `dev/make_parquet.py` with the Python of `dev/localenv.py install`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use rhio_core::parquet::{Partition, partition_bytes};
@@ -20,7 +20,11 @@ fn python() -> PathBuf {
 }
 
 fn make_parquet(args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dev/make_parquet.py");
+    // Cargo sets CARGO_MANIFEST_DIR when it runs tests; it names this checkout.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let script = manifest_dir.join("../dev/make_parquet.py");
     let output = Command::new(python())
         .arg(script)
         .args(args)

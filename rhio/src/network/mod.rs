@@ -161,8 +161,6 @@ impl PeerTable {
 #[derive(Clone)]
 pub struct Network {
     endpoint: Endpoint,
-    #[allow(dead_code)]
-    address_book: AddressBook,
     peers: PeerTable,
     network_name: String,
     bound: Vec<SocketAddr>,
@@ -212,7 +210,7 @@ impl Network {
             },
             bind_port_v6: 0,
         };
-        let endpoint = Endpoint::builder(address_book.clone())
+        let endpoint = Endpoint::builder(address_book)
             .network_id(rhio_core::network::network_id(&config.network_id))
             .signing_key(key.signing_key().clone())
             .config(iroh_config)
@@ -264,7 +262,6 @@ impl Network {
         );
         Ok(Self {
             endpoint,
-            address_book,
             peers,
             network_name: config.network_id.clone(),
             bound,

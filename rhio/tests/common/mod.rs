@@ -22,8 +22,13 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The checkout the tests run in: cargo sets CARGO_MANIFEST_DIR when it runs them (the
+/// compile-time value can name another checkout that shares the target dir).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 /// Polls `condition` until it returns `Some` or `timeout` passes.
