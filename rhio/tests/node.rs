@@ -217,3 +217,91 @@ fn config_errors_fail_at_start_with_the_key_named() {
     assert!(printed.contains("network_id = \"env\""), "{printed}");
     assert!(printed.contains("region = \"file\""), "{printed}");
 }
+
+/// A NATS server of the local environment's build, started with authentication.
+struct AuthNats {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthNats {
+    fn start(auth: &[&str]) -> Self {
+        let cache = std::env::var_os("RHIODEV_CACHE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio")
+            });
+        let port = common::free_tcp_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(cache.join("venv/bin/nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .args(auth)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server from dev/localenv.py install");
+        let url = format!("nats://127.0.0.1:{port}");
+        wait_for("NATS to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for AuthNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn authenticates_to_nats_with_user_password_and_token() {
+    let env = LocalEnv::up(1);
+    for (server_auth, good, bad) in [
+        (
+            vec!["--user", "rhio", "--pass", "s3cret"],
+            "\nnats.user=rhio\nnats.password=s3cret",
+            "\nnats.user=rhio\nnats.password=wrong",
+        ),
+        (
+            vec!["--auth", "t0ken"],
+            "\nnats.token=t0ken",
+            "\nnats.token=nope",
+        ),
+    ] {
+        let nats = AuthNats::start(&server_auth);
+        for (credentials, should_connect) in [(good, true), (bad, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut spec = NodeSpec::for_cluster(&env.clusters[0], dir.path());
+            spec.nats_url = nats.url.clone();
+            let node =
+                RhioNode::start_with_sets(spec, credentials.lines().filter(|l| !l.is_empty()));
+            if should_connect {
+                let health = node.wait_healthy();
+                assert_eq!(health["nats"]["connected"], true);
+            } else {
+                let (code, health) =
+                    wait_for("degraded health", Duration::from_secs(30), || node.health());
+                assert_eq!(code, 503);
+                assert_eq!(health["nats"]["connected"], false);
+                wait_for(
+                    "an authorization error in the log",
+                    Duration::from_secs(20),
+                    || {
+                        node.log()
+                            .to_lowercase()
+                            .contains("authorization")
+                            .then_some(())
+                    },
+                );
+            }
+        }
+    }
+}

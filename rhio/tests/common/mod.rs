@@ -297,6 +297,11 @@ pub struct RhioNode {
 
 impl RhioNode {
     pub fn start(spec: NodeSpec) -> Self {
+        Self::start_with_sets(spec, std::iter::empty::<&str>())
+    }
+
+    /// Starts with extra `--set KEY=VALUE` arguments.
+    pub fn start_with_sets<'a>(spec: NodeSpec, sets: impl IntoIterator<Item = &'a str>) -> Self {
         std::fs::create_dir_all(&spec.data_dir).unwrap();
         let config = spec.data_dir.join("config.toml");
         std::fs::write(&config, spec.toml()).unwrap();
@@ -306,7 +311,11 @@ impl RhioNode {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rhio"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rhio"));
+        for set in sets {
+            command.arg("--set").arg(set);
+        }
+        let child = command
             .arg("-c")
             .arg(&config)
             .env_remove("RHIO_PRIVATE_KEY")
