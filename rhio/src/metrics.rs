@@ -22,6 +22,43 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Why a received operation was rejected; the `reason` label of
+/// `rhio_operations_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    Invalid,
+    AuthorNotAllowed,
+    SubjectNotAllowed,
+    MalformedBody,
+    Conflict,
+    BrokenChain,
+    ReorderBufferFull,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::Invalid,
+        RejectReason::AuthorNotAllowed,
+        RejectReason::SubjectNotAllowed,
+        RejectReason::MalformedBody,
+        RejectReason::Conflict,
+        RejectReason::BrokenChain,
+        RejectReason::ReorderBufferFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Invalid => "invalid",
+            RejectReason::AuthorNotAllowed => "author_not_allowed",
+            RejectReason::SubjectNotAllowed => "subject_not_allowed",
+            RejectReason::MalformedBody => "malformed_body",
+            RejectReason::Conflict => "conflict",
+            RejectReason::BrokenChain => "broken_chain",
+            RejectReason::ReorderBufferFull => "reorder_buffer_full",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub nats_connected: Gauge,
@@ -140,6 +177,28 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    pub fn reject(&self, reason: RejectReason) {
+        self.operations_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Rejected operations over all reasons.
+    pub fn rejected_total(&self) -> u64 {
+        RejectReason::ALL
+            .iter()
+            .map(|reason| {
+                self.operations_rejected
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .get()
+            })
+            .sum()
     }
 
     /// Refreshes the state gauges from `status` and renders the Prometheus text format.

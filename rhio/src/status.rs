@@ -146,31 +146,9 @@ impl StatusSource {
             signed: metrics.operations_signed.get(),
             received: metrics.operations_received.get(),
             delivered: metrics.operations_delivered.get(),
-            rejected: rejected_total(metrics),
+            rejected: metrics.rejected_total(),
             sessions_subscribed: sessions("subscribed"),
             sessions_serving: sessions("serving"),
         }
     }
-}
-
-/// Sum over all rejection reasons.
-fn rejected_total(metrics: &Metrics) -> u64 {
-    const REASONS: &[&str] = &[
-        "invalid",
-        "author_not_allowed",
-        "subject_not_allowed",
-        "malformed_body",
-        "conflict",
-        "broken_chain",
-        "reorder_buffer_full",
-    ];
-    REASONS
-        .iter()
-        .map(|reason| {
-            metrics
-                .operations_rejected
-                .get_or_create(&ReasonLabels { reason })
-                .get()
-        })
-        .sum()
 }

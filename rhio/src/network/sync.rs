@@ -26,7 +26,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::{Metrics, ReasonLabels, RejectReason};
 use crate::routing::Routes;
 use crate::store::{InsertOutcome, Store};
 
@@ -383,13 +383,17 @@ impl SyncClient {
             match outcome {
                 InsertOutcome::Stored => stored += 1,
                 InsertOutcome::Duplicate | InsertOutcome::Held => {}
-                InsertOutcome::Dropped => self.reject("reorder_buffer_full", "held back too many"),
-                InsertOutcome::Conflict => {
-                    self.reject("conflict", "a different operation at the same position")
+                InsertOutcome::Dropped => {
+                    self.reject(RejectReason::ReorderBufferFull, "held back too many")
                 }
-                InsertOutcome::BrokenChain => {
-                    self.reject("broken_chain", "backlink does not match the stored log")
-                }
+                InsertOutcome::Conflict => self.reject(
+                    RejectReason::Conflict,
+                    "a different operation at the same position",
+                ),
+                InsertOutcome::BrokenChain => self.reject(
+                    RejectReason::BrokenChain,
+                    "backlink does not match the stored log",
+                ),
             }
         }
         // Held operations are counted when their predecessor arrives and stores them.
@@ -397,12 +401,9 @@ impl SyncClient {
         Ok(())
     }
 
-    fn reject(&self, reason: &'static str, detail: &str) {
-        self.metrics
-            .operations_rejected
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
-        tracing::warn!(peer = %self.peer, reason, detail, "rejected operation");
+    fn reject(&self, reason: RejectReason, detail: &str) {
+        self.metrics.reject(reason);
+        tracing::warn!(peer = %self.peer, reason = reason.as_str(), detail, "rejected operation");
     }
 }
 
@@ -411,15 +412,16 @@ fn check(
     routes: &Routes,
     header: &[u8],
     body: Vec<u8>,
-) -> Result<SignedOperation, (&'static str, String)> {
-    let op = SignedOperation::decode(header, body).map_err(|err| ("invalid", err.to_string()))?;
+) -> Result<SignedOperation, (RejectReason, String)> {
+    let op = SignedOperation::decode(header, body)
+        .map_err(|err| (RejectReason::Invalid, err.to_string()))?;
     let author = op.author();
     if !routes.accepts_author(&author) {
-        return Err(("author_not_allowed", format!("author {author}")));
+        return Err((RejectReason::AuthorNotAllowed, format!("author {author}")));
     }
     if !routes.accepts(&author, op.log()) {
         return Err((
-            "subject_not_allowed",
+            RejectReason::SubjectNotAllowed,
             format!("author {author} log {:?}", op.log()),
         ));
     }
@@ -428,14 +430,14 @@ fn check(
             Ok(message) if &message.subject == subject => {}
             Ok(message) => {
                 return Err((
-                    "malformed_body",
+                    RejectReason::MalformedBody,
                     format!(
                         "body subject {:?} is not the log's {subject:?}",
                         message.subject
                     ),
                 ));
             }
-            Err(err) => return Err(("malformed_body", err.to_string())),
+            Err(err) => return Err((RejectReason::MalformedBody, err.to_string())),
         }
     }
     Ok(op)

@@ -69,7 +69,7 @@ impl Publisher {
         // The store's cursor is the truth about what is signed. Recreating the consumer at the
         // message after it makes a restart resume exactly there: no message is skipped because a
         // later one was signed first, none is signed twice.
-        let cursor = self
+        let mut cursor = self
             .store
             .outbound_cursor(&self.route.stream)
             .await
@@ -114,7 +114,7 @@ impl Publisher {
                 }
             }
             // Sign what arrived before a failure; the restart resumes right after it.
-            self.sign_batch(messages).await?;
+            self.sign_batch(messages, &mut cursor).await?;
             if let Some(failure) = failure {
                 return Err(failure);
             }
@@ -122,21 +122,23 @@ impl Publisher {
         Err("stream of messages ended".into())
     }
 
-    async fn sign_batch(&self, messages: Vec<jetstream::Message>) -> Result<(), String> {
-        let cursor = self
-            .store
-            .outbound_cursor(&self.route.stream)
-            .await
-            .map_err(|err| err.to_string())?;
+    /// Signs a batch and advances `cursor` (the stream position stored with the last batch, kept
+    /// here so the hot path does not read it back from the store).
+    async fn sign_batch(
+        &self,
+        messages: Vec<jetstream::Message>,
+        cursor: &mut u64,
+    ) -> Result<(), String> {
+        let start = *cursor;
         let mut entries = Vec::with_capacity(messages.len());
-        let mut last_seq = cursor;
+        let mut last_seq = start;
         let mut skipped_routed = 0;
         for message in &messages {
             let seq = message
                 .info()
                 .map_err(|err| format!("message without JetStream metadata: {err}"))?
                 .stream_sequence;
-            if seq <= cursor {
+            if seq <= start {
                 continue; // signed before a crash, acked too late
             }
             last_seq = last_seq.max(seq);
@@ -151,11 +153,12 @@ impl Publisher {
             entries.push((LogId::Message(subject), body));
         }
         let signed = entries.len();
-        if signed > 0 || last_seq > cursor {
+        if signed > 0 || last_seq > start {
             self.store
                 .append_local(entries, Some((self.route.stream.clone(), last_seq)))
                 .await
                 .map_err(|err| err.to_string())?;
+            *cursor = last_seq;
         }
         self.metrics.operations_signed.inc_by(signed as u64);
         if skipped_routed > 0 {
