@@ -21,5 +21,6 @@ pub mod message;
 pub mod network;
 pub mod operation;
 pub mod parquet;
+pub mod replication;
 pub mod subject;
 pub mod sync;

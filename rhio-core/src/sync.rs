@@ -47,16 +47,27 @@ pub struct LogHeight {
 pub struct SyncRequest {
     pub interests: Vec<Interest>,
     pub have: Vec<LogHeight>,
+    /// The subscriber's dataset subject prefix: it wants an author's dataset `name` when one of
+    /// its subject filters for that author matches `<datasets_prefix>.<name>`. Empty: no datasets.
+    #[serde(default)]
+    pub datasets_prefix: String,
+}
+
+/// The subject a dataset is announced on under `prefix`.
+pub fn dataset_subject(prefix: &str, name: &str) -> String {
+    format!("{prefix}.{name}")
 }
 
 impl SyncRequest {
     /// True when operations of `author` in `log` are wanted.
     pub fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
-        let LogId::Message(subject) = log else {
-            return false;
+        let subject = match log {
+            LogId::Message(subject) => subject.clone(),
+            LogId::Dataset(_) if self.datasets_prefix.is_empty() => return false,
+            LogId::Dataset(name) => dataset_subject(&self.datasets_prefix, name),
         };
         self.interests.iter().any(|interest| {
-            interest.author == *author && crate::subject::matches_any(&interest.subjects, subject)
+            interest.author == *author && crate::subject::matches_any(&interest.subjects, &subject)
         })
     }
 
@@ -306,6 +317,7 @@ mod tests {
                 log: LogId::Message("a.b".into()),
                 next_seq: 7,
             }],
+            datasets_prefix: "datasets".into(),
         });
         assert_eq!(round_trip(&request), request);
         let op = Frame::operation(&chain(&key, 1)[0]);
@@ -346,6 +358,7 @@ mod tests {
                 log: LogId::Message("sensors.t1".into()),
                 next_seq: 3,
             }],
+            datasets_prefix: String::new(),
         };
         assert!(request.wants(&a, &LogId::Message("sensors.t1".into())));
         assert!(!request.wants(&a, &LogId::Message("other".into())));
@@ -359,6 +372,31 @@ mod tests {
             request.start_of(&a, &LogId::Message("sensors.t2".into())),
             0
         );
+        // Datasets are selected by their subject under the subscriber's prefix.
+        let datasets = SyncRequest {
+            interests: vec![Interest {
+                author: a,
+                subjects: vec!["datasets.weather".into(), "sensors.*".into()],
+            }],
+            have: vec![],
+            datasets_prefix: "datasets".into(),
+        };
+        assert!(datasets.wants(&a, &LogId::Dataset("weather".into())));
+        assert!(!datasets.wants(&a, &LogId::Dataset("climate".into())));
+        assert!(!datasets.wants(&b, &LogId::Dataset("weather".into())));
+        let old_peer: SyncRequest = ciborium::from_reader(
+            &{
+                let mut bytes = Vec::new();
+                ciborium::into_writer(
+                    &serde_json::json!({"interests": [], "have": []}),
+                    &mut bytes,
+                )
+                .unwrap();
+                bytes
+            }[..],
+        )
+        .unwrap();
+        assert_eq!(old_peer.datasets_prefix, "");
     }
 
     proptest! {
