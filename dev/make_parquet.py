@@ -3,6 +3,8 @@
 
     make_parquet.py variants OUT_DIR           # small files in many shapes, listed in OUT_DIR/index.json
     make_parquet.py sized OUT_FILE MIB [ROWS_PER_GROUP]   # one file of about MIB mebibytes
+    make_parquet.py appended V1 V2 MIB EXTRA_MIB ROWS_PER_GROUP
+        # V1 of about MIB MiB, and V2 = the same row groups (byte-identical) + EXTRA_MIB more
 
 Run it with the venv of dev/localenv.py (which installs pyarrow).
 """
@@ -75,9 +77,36 @@ def sized(out_file, mib, rows_per_group=None):
     writer.close()
 
 
+def appended(v1, v2, mib, extra_mib, rows_per_group):
+    """Two versions of a dataset: v2 has v1's row groups (same bytes) followed by new ones."""
+    import os
+    row_bytes = 1024
+    rows_per_group = int(rows_per_group)
+
+    def groups(mib, first_id):
+        rows = max(1, int(mib) * (1 << 20) // row_bytes)
+        out = []
+        for start in range(0, rows, rows_per_group):
+            n = min(rows_per_group, rows - start)
+            out.append(pa.table({
+                "id": pa.array(range(first_id + start, first_id + start + n), type=pa.int64()),
+                "blob": pa.array([os.urandom(row_bytes - 8) for _ in range(n)], type=pa.binary()),
+            }))
+        return out, first_id + rows
+
+    old, next_id = groups(mib, 0)
+    new, _ = groups(extra_mib, next_id)
+    for path, tables in ((v1, old), (v2, old + new)):
+        with pq.ParquetWriter(path, tables[0].schema, compression="none") as writer:
+            for data in tables:
+                writer.write_table(data, row_group_size=rows_per_group)
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "variants":
         variants(sys.argv[2])
+    elif len(sys.argv) == 7 and sys.argv[1] == "appended":
+        appended(*sys.argv[2:7])
     elif len(sys.argv) >= 4 and sys.argv[1] == "sized":
         sized(*sys.argv[2:5])
     else:

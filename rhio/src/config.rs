@@ -32,6 +32,33 @@ pub struct Config {
     pub subscribe: Vec<SubscribeConfig>,
     pub import: ImportConfig,
     pub datasets: DatasetsConfig,
+    pub replication: ReplicationConfig,
+}
+
+/// How datasets of other authors are copied into this cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Part size of the multipart upload of a replicated version, in MiB: a power of two of at
+    /// least 8. A crash loses at most `parts_in_flight` parts of work.
+    pub part_size_mib: u64,
+    /// Parts fetched and uploaded at once per version.
+    pub parts_in_flight: usize,
+    /// Dataset logs (author, dataset) replicated at once.
+    pub max_concurrent: usize,
+    /// Longest one range request to a peer may take.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            part_size_mib: 8,
+            parts_in_flight: 4,
+            max_concurrent: 2,
+            request_timeout_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,6 +374,22 @@ impl Config {
             return Err(ConfigError::BadValue {
                 key: "import.part_size_mib",
                 reason: "must be between 5 and 512 (S3 multipart limits)".into(),
+            });
+        }
+        let part = self.replication.part_size_mib;
+        if !part.is_power_of_two() || !(8..=512).contains(&part) {
+            return Err(ConfigError::BadValue {
+                key: "replication.part_size_mib",
+                reason: "must be a power of two between 8 and 512".into(),
+            });
+        }
+        if self.replication.parts_in_flight == 0
+            || self.replication.max_concurrent == 0
+            || self.replication.request_timeout_secs == 0
+        {
+            return Err(ConfigError::BadValue {
+                key: "replication.parts_in_flight",
+                reason: "replication.parts_in_flight, max_concurrent and request_timeout_secs must be at least 1".into(),
             });
         }
         if self.import.max_concurrent == 0 || self.import.upload_concurrency == 0 {

@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod blobs;
 pub mod config;
 pub mod datasets;
 pub mod http;

@@ -75,6 +75,14 @@ pub struct Metrics {
     pub operations_rejected: Family<ReasonLabels, Counter>,
     pub routing_errors: Counter,
     pub sync_sessions: Family<ReasonLabels, Gauge>,
+    /// Blob bytes received from peers (verified or not), and those that failed verification.
+    pub replication_bytes_fetched: Counter,
+    pub replication_bytes_local: Counter,
+    pub replication_corrupt_ranges: Counter,
+    pub replication_versions: Family<OutcomeLabels, Counter>,
+    pub transfers_in_progress: Gauge,
+    pub blob_bytes_served: Counter,
+    pub blob_requests_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +109,13 @@ impl Metrics {
             operations_rejected: Family::default(),
             routing_errors: Counter::default(),
             sync_sessions: Family::default(),
+            replication_bytes_fetched: Counter::default(),
+            replication_bytes_local: Counter::default(),
+            replication_corrupt_ranges: Counter::default(),
+            replication_versions: Family::default(),
+            transfers_in_progress: Gauge::default(),
+            blob_bytes_served: Counter::default(),
+            blob_requests_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,6 +187,41 @@ impl Metrics {
             "sync_sessions",
             "Open sync sessions (subscribed: to peers; serving: from peers)",
             metrics.sync_sessions.clone(),
+        );
+        registry.register(
+            "replication_bytes_fetched",
+            "Blob bytes received from peers for replication (bao encoding included)",
+            metrics.replication_bytes_fetched.clone(),
+        );
+        registry.register(
+            "replication_bytes_local",
+            "Bytes of replicated versions copied from blobs already in this cluster's S3",
+            metrics.replication_bytes_local.clone(),
+        );
+        registry.register(
+            "replication_corrupt_ranges",
+            "Blob ranges from peers that failed bao verification",
+            metrics.replication_corrupt_ranges.clone(),
+        );
+        registry.register(
+            "replication_versions",
+            "Dataset versions replicated, by outcome",
+            metrics.replication_versions.clone(),
+        );
+        registry.register(
+            "transfers_in_progress",
+            "Dataset versions being replicated now",
+            metrics.transfers_in_progress.clone(),
+        );
+        registry.register(
+            "blob_bytes_served",
+            "Blob bytes sent to peers",
+            metrics.blob_bytes_served.clone(),
+        );
+        registry.register(
+            "blob_requests_refused",
+            "Blob requests of peers refused, by reason",
+            metrics.blob_requests_refused.clone(),
         );
         Self {
             registry,

@@ -8,8 +8,12 @@ use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::blobs::BlobIndex;
+use crate::blobs::protocol::{BLOBS_ALPN, BlobServer};
 use crate::config::{Config, ConfigError};
 use crate::datasets::import::Importer;
+use crate::datasets::replicate::Replicator;
+use crate::datasets::transfers::TransferState;
 use crate::metrics::Metrics;
 use crate::nats::{NatsConnection, NatsError};
 use crate::network::{Network, NetworkError};
@@ -162,6 +166,28 @@ impl Node {
 
         let network =
             Network::spawn(&config.network, &key, metrics.clone(), shutdown.clone()).await?;
+        // Every protocol handler is registered before the sync server: p2panda-net holds a read
+        // lock on its protocol map for the whole life of a handler (a sync session lives long), and
+        // registering one later waits for that lock and stops the endpoint from accepting.
+        let index = BlobIndex::default();
+        network
+            .endpoint()
+            .accept(
+                BLOBS_ALPN,
+                BlobServer::new(
+                    s3.clone(),
+                    index.clone(),
+                    config
+                        .network
+                        .known_nodes
+                        .iter()
+                        .map(|node| node.public_key)
+                        .collect(),
+                    metrics.clone(),
+                ),
+            )
+            .await
+            .map_err(|err| StartError::Network(NetworkError::Endpoint(err.to_string())))?;
         network
             .start_sync(
                 &config.network.known_nodes,
@@ -197,6 +223,35 @@ impl Node {
             tasks.spawn(delivery.run());
         }
 
+        let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
+            .await
+            .map_err(|err| StartError::Routing(format!("replication state: {err}")))?;
+        let replicator = Replicator::new(
+            s3.clone(),
+            store.clone(),
+            index.clone(),
+            transfer_state,
+            routes.clone(),
+            key.public_key(),
+            js.clone(),
+            config.datasets.clone(),
+            config.replication.clone(),
+            metrics.clone(),
+            network.clone(),
+            config
+                .network
+                .known_nodes
+                .iter()
+                .map(|node| node.public_key)
+                .collect(),
+        );
+        replicator
+            .load_index()
+            .await
+            .map_err(|err| StartError::Routing(format!("blob index: {err}")))?;
+        let transfers = replicator.transfers.clone();
+        tasks.spawn(replicator.run(shutdown.clone()));
+
         let importer = Arc::new(Importer::new(
             s3.clone(),
             store.clone(),
@@ -204,6 +259,7 @@ impl Node {
             nats.client().clone(),
             config.import.clone(),
             config.datasets.clone(),
+            index.clone(),
         ));
         tasks.spawn(importer.clone().serve(shutdown.clone()));
         tasks.spawn(importer.serve_queue(config.nats.create_streams, shutdown.clone()));
@@ -215,6 +271,7 @@ impl Node {
             network.clone(),
             metrics.clone(),
             streams,
+            crate::status::DatasetSources { index, transfers },
         );
         tasks.spawn(crate::nats::warn_about_captured_services(
             nats.clone(),

@@ -116,6 +116,48 @@ impl S3Store {
         &self.config.bucket
     }
 
+    /// Reads an object, or `(offset, length)` of it, in one GET.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<bytes::Bytes, String> {
+        let mut get = self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key);
+        if let Some((offset, length)) = range {
+            if length == 0 {
+                return Ok(bytes::Bytes::new());
+            }
+            get = get.range(format!("bytes={}-{}", offset, offset + length - 1));
+        }
+        let object = get.send().await.map_err(|err| describe(&err))?;
+        object
+            .body
+            .collect()
+            .await
+            .map(|data| data.into_bytes())
+            .map_err(|err| err.to_string())
+    }
+
+    /// True when `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, String> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(err)) if err.err().is_not_found() => Ok(false),
+            Err(err) => Err(describe(&err)),
+        }
+    }
+
     pub fn status(&self) -> S3Status {
         self.state.lock().expect("s3 status lock").clone()
     }

@@ -27,6 +27,19 @@ pub struct NodeStatus {
     pub routing: RoutingStatus,
     /// JetStream streams rhio publishes from or into, and whether routing through them runs.
     pub streams: Vec<crate::routing::StreamStatus>,
+    pub datasets: DatasetsStatus,
+}
+
+/// Datasets in this cluster and replications in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetsStatus {
+    /// Row-group and footer blobs this node holds and serves.
+    pub blobs: usize,
+    pub versions_replicated: u64,
+    pub bytes_fetched: u64,
+    pub bytes_served: u64,
+    pub corrupt_ranges: u64,
+    pub transfers: Vec<crate::datasets::replicate::TransferStatus>,
 }
 
 /// Counters of message routing since the node started.
@@ -84,6 +97,14 @@ struct StatusInner {
     network: Network,
     metrics: Arc<Metrics>,
     streams: crate::routing::StreamStates,
+    datasets: DatasetSources,
+}
+
+/// What dataset status is read from.
+#[derive(Clone)]
+pub struct DatasetSources {
+    pub index: crate::blobs::BlobIndex,
+    pub transfers: crate::datasets::replicate::Transfers,
 }
 
 impl StatusSource {
@@ -94,6 +115,7 @@ impl StatusSource {
         network: Network,
         metrics: Arc<Metrics>,
         streams: crate::routing::StreamStates,
+        datasets: DatasetSources,
     ) -> Self {
         Self {
             inner: Arc::new(StatusInner {
@@ -104,6 +126,7 @@ impl StatusSource {
                 network,
                 metrics,
                 streams,
+                datasets,
             }),
         }
     }
@@ -131,6 +154,18 @@ impl StatusSource {
             },
             routing: self.routing(),
             streams,
+            datasets: DatasetsStatus {
+                blobs: inner.datasets.index.len(),
+                versions_replicated: inner
+                    .metrics
+                    .replication_versions
+                    .get_or_create(&crate::metrics::OutcomeLabels { outcome: "done" })
+                    .get(),
+                bytes_fetched: inner.metrics.replication_bytes_fetched.get(),
+                bytes_served: inner.metrics.blob_bytes_served.get(),
+                corrupt_ranges: inner.metrics.replication_corrupt_ranges.get(),
+                transfers: inner.datasets.transfers.snapshot(),
+            },
         }
     }
 

@@ -37,8 +37,7 @@ use crate::store::Store;
 pub const IMPORT_SUBJECT: &str = "rhio.import";
 /// Prefix of progress events: `rhio.progress.<dataset>`.
 pub const PROGRESS_PREFIX: &str = "rhio.progress";
-/// Hidden prefix of rhio's own objects in the bucket.
-pub const SIDECAR_PREFIX: &str = ".rhio";
+pub use super::SIDECAR_PREFIX;
 /// Chunk read from the source at a time.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -226,6 +225,7 @@ pub struct Importer {
     pub nats: async_nats::Client,
     pub import: ImportConfig,
     pub datasets: DatasetsConfig,
+    pub index: crate::blobs::BlobIndex,
     running: Semaphore,
     per_dataset: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -238,8 +238,10 @@ impl Importer {
         nats: async_nats::Client,
         import: ImportConfig,
         datasets: DatasetsConfig,
+        index: crate::blobs::BlobIndex,
     ) -> Self {
         Self {
+            index,
             js: async_nats::jetstream::new(nats.clone()),
             running: Semaphore::new(import.max_concurrent),
             s3,
@@ -578,7 +580,7 @@ impl Importer {
 
         let versions = self.versions(dataset).await?;
         let next_version = versions.len() as u64;
-        let key = format!("datasets/{dataset}/v{next_version}.parquet");
+        let key = super::own_key(dataset, next_version);
         let (blob_hashes, file_hash, mut upload) =
             self.upload(&mut source, &partition, &key, dataset).await?;
         if let Some((version, op_hash, manifest)) = versions
@@ -626,6 +628,7 @@ impl Importer {
             .send()
             .await
             .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        self.index.insert_manifest(&manifest, &key);
         let reply = self.reply(&manifest, next_version, &op.hash.to_hex(), subject, false);
         self.announce(&reply, &manifest, op).await;
         tracing::info!(
@@ -678,9 +681,9 @@ impl Importer {
             rows: manifest.rows,
             bytes: manifest.file_size,
             location: format!(
-                "s3://{}/datasets/{}/v{version}.parquet",
+                "s3://{}/{}",
                 self.s3.bucket(),
-                manifest.dataset
+                super::own_key(&manifest.dataset, version)
             ),
             existing,
         }
@@ -799,62 +802,32 @@ impl Importer {
             .await;
     }
 
-    /// Publishes the dataset summary on its subject, with the provenance headers of the manifest
-    /// operation. A failure is logged, not fatal: the version exists and is replied.
+    /// Publishes the dataset summary on its subject. A failure is logged, not fatal: the
+    /// version exists and is replied.
     async fn announce(
         &self,
         reply: &ImportReply,
         manifest: &DatasetManifest,
         op: &rhio_core::operation::SignedOperation,
     ) {
-        let summary = serde_json::json!({
-            "dataset": manifest.dataset,
-            "version": reply.version,
-            "author": manifest.author,
-            "file_hash": manifest.file_hash,
-            "rows": manifest.rows,
-            "row_groups": reply.row_groups,
-            "bytes": manifest.file_size,
-            "schema": manifest.schema,
-            "location": reply.location,
-            "created_at_micros": manifest.created_at_micros,
-        });
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, value) in rhio_core::message::provenance_headers(op) {
-            headers.insert(name, value.as_str());
-        }
-        let result = async {
-            self.js
-                .publish_with_headers(reply.subject.clone(), headers, summary.to_string().into())
-                .await?
-                .await
-                .map(|_| ())
-                .map_err(async_nats::Error::from)
-        }
-        .await;
-        if let Err(err) = result {
+        if let Err(err) =
+            super::announce(&self.js, &reply.subject, manifest, op, &reply.location).await
+        {
             tracing::warn!(subject = %reply.subject, %err, "dataset imported but not announced (is a stream capturing the dataset subject?)");
         }
     }
 }
 
-/// Chunk groups of 16 KiB (2^4 BLAKE3 chunks), as iroh-blobs uses: the outboard is 0.39% of the
-/// data and a corrupt byte is caught within one group.
-pub const BAO_BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
-
-/// Key of a blob's outboard (post order, no size prefix): `.rhio/outboards/<hash>.obao4`.
-pub fn outboard_key(hash: &blake3::Hash) -> String {
-    format!("{SIDECAR_PREFIX}/outboards/{}.obao4", hash.to_hex())
-}
+pub use crate::blobs::{BAO_BLOCK_SIZE, outboard_key};
 
 /// Computes a blob's bao outboard on a blocking thread while its bytes stream past.
-struct OutboardBuilder {
+pub(crate) struct OutboardBuilder {
     bytes: tokio::sync::mpsc::Sender<Bytes>,
     task: tokio::task::JoinHandle<std::io::Result<(blake3::Hash, Vec<u8>)>>,
 }
 
 impl OutboardBuilder {
-    fn start(length: u64) -> Self {
+    pub(crate) fn start(length: u64) -> Self {
         let (bytes, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
         let task = tokio::task::spawn_blocking(move || {
             let reader = ChannelReader {
@@ -869,14 +842,14 @@ impl OutboardBuilder {
         Self { bytes, task }
     }
 
-    async fn feed(&self, data: Bytes) -> Result<(), ImportError> {
+    pub(crate) async fn feed(&self, data: Bytes) -> Result<(), ImportError> {
         self.bytes
             .send(data)
             .await
             .map_err(|_| ImportError::Internal("outboard computation stopped".into()))
     }
 
-    async fn finish(self) -> Result<(blake3::Hash, Vec<u8>), ImportError> {
+    pub(crate) async fn finish(self) -> Result<(blake3::Hash, Vec<u8>), ImportError> {
         drop(self.bytes);
         self.task
             .await

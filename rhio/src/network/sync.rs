@@ -275,6 +275,7 @@ impl SyncClient {
         let request = SyncRequest {
             interests: self.routes.interests(),
             have,
+            datasets_prefix: self.routes.datasets_prefix.clone(),
         };
         write_frame(&mut send, &Frame::Request(request)).await?;
         self.metrics
@@ -424,6 +425,22 @@ fn check(
             RejectReason::SubjectNotAllowed,
             format!("author {author} log {:?}", op.log()),
         ));
+    }
+    if let LogId::Dataset(name) = op.log() {
+        let manifest = rhio_core::manifest::DatasetManifest::decode(&op.body)
+            .map_err(|err| (RejectReason::MalformedBody, err.to_string()))?;
+        if &manifest.dataset != name || manifest.author != author || manifest.version != op.seq() {
+            return Err((
+                RejectReason::MalformedBody,
+                format!(
+                    "manifest of {}/v{} by {} in log {name:?} at {}",
+                    manifest.dataset,
+                    manifest.version,
+                    manifest.author,
+                    op.seq()
+                ),
+            ));
+        }
     }
     if let LogId::Message(subject) = op.log() {
         match RoutedMessage::decode(&op.body) {

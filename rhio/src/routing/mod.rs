@@ -29,6 +29,9 @@ pub struct Routes {
     subscribe: BTreeMap<PublicKey, Vec<String>>,
     /// Stream name -> subjects it must capture (for creating streams).
     pub subscribe_streams: BTreeMap<String, Vec<String>>,
+    /// Datasets of an author are accepted when a subject filter for that author matches
+    /// `<datasets_prefix>.<name>`, the subject this node announces them on.
+    pub datasets_prefix: String,
 }
 
 impl Routes {
@@ -49,6 +52,7 @@ impl Routes {
             publish: config.publish.clone(),
             subscribe,
             subscribe_streams,
+            datasets_prefix: config.datasets.subject_prefix.clone(),
         }
     }
 
@@ -59,7 +63,12 @@ impl Routes {
                 .subscribe
                 .get(author)
                 .is_some_and(|filters| rhio_core::subject::matches_any(filters, subject)),
-            LogId::Dataset(_) => false,
+            LogId::Dataset(name) => self.subscribe.get(author).is_some_and(|filters| {
+                rhio_core::subject::matches_any(
+                    filters,
+                    &rhio_core::sync::dataset_subject(&self.datasets_prefix, name),
+                )
+            }),
         }
     }
 

@@ -114,6 +114,18 @@ impl LocalEnv {
         }
     }
 
+    /// Where the S3 server of cluster `index` keeps the object `key` on disk (s3s-fs stores
+    /// objects as plain files), for tests that damage stored bytes.
+    pub fn s3_object_path(&self, index: usize, key: &str) -> PathBuf {
+        let cluster = &self.clusters[index];
+        self.dir
+            .path()
+            .join("data")
+            .join(format!("s3-{}", cluster.name))
+            .join(&cluster.s3_bucket)
+            .join(key)
+    }
+
     pub fn stop(&self, service: &str) {
         localenv(&[
             "stop",
@@ -411,6 +423,18 @@ impl RhioNode {
 impl Drop for RhioNode {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what each node said last.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "---- last lines of the log of the node on {} ----",
+                self.spec.http_addr()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

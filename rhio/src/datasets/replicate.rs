@@ -1,0 +1,976 @@
+//! Replication: datasets of other authors, copied into this cluster's S3 byte for byte.
+//!
+//! For every accepted dataset log (author, dataset) one worker replicates the versions in order.
+//! A version is planned with [`rhio_core::replication::plan`]: the file is cut into parts of
+//! `replication.part_size_mib`; the bytes of each part come from blobs this cluster already has
+//! (read from its own S3, never fetched) or from peers as bao-verified ranges over
+//! `rhio/blobs/1`, any peer that has the blob (the author or any cluster that replicated it).
+//! Parts go into one S3 multipart upload at
+//! `datasets/<name>/<author>/v<version>.parquet`, each recorded with its BLAKE3 chaining value
+//! in [`TransferState`] once S3 accepted it. When all parts are in, the whole-file hash computed
+//! from the chaining values must equal the signed manifest's before the upload is completed: the
+//! object becomes visible only verified. Then the outboards of the new blobs and the manifest are
+//! stored beside it, the blobs join the [`BlobIndex`] (so this node serves them too) and the
+//! version is announced on the local dataset subject.
+//!
+//! A peer that sends bytes that do not verify is not asked for that blob again in this
+//! transfer; a range that fails is asked of the next peer. A crash loses at most the parts in
+//! flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bao_tree::io::outboard::PostOrderMemOutboard;
+use bao_tree::io::sync::OutboardMut;
+use bao_tree::{BaoTree, TreeNode};
+use futures::StreamExt;
+use iroh::endpoint::Connection;
+use rhio_core::identity::PublicKey;
+use rhio_core::manifest::DatasetManifest;
+use rhio_core::operation::{LogId, SignedOperation};
+use rhio_core::replication::{
+    LocalBlob, PartPlan, PieceSource, ReplicationPlan, file_hash_from_parts, part_chaining_value,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::SIDECAR_PREFIX;
+use super::transfers::{DonePart, TransferState, VersionId};
+use crate::blobs::protocol::{BLOBS_ALPN, FetchError, RangeRequest, fetch_range};
+use crate::blobs::{BAO_BLOCK_SIZE, BlobIndex, outboard_key};
+use crate::config::{DatasetsConfig, ReplicationConfig};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::network::Network;
+use crate::routing::Routes;
+use crate::s3::S3Store;
+use crate::store::Store;
+
+/// Rounds over all peers before a range is given up (the version is retried later).
+const FETCH_ROUNDS: usize = 20;
+/// A peer that could not be reached is skipped for this long.
+const PEER_COOLDOWN: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MIN_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum ReplicationError {
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("S3: {0}")]
+    Storage(String),
+    #[error("state: {0}")]
+    State(#[from] sqlx::Error),
+    #[error("no peer could serve blob {hash} range {start}..{end}: {last}")]
+    NoSource {
+        hash: String,
+        start: u64,
+        end: u64,
+        last: String,
+    },
+    #[error("assembled file hash {actual} is not the manifest's {expected}")]
+    FileHash { expected: String, actual: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A transfer in progress, as status reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TransferStatus {
+    pub dataset: String,
+    pub version: u64,
+    pub author: PublicKey,
+    pub bytes_total: u64,
+    /// Bytes of the file in S3 parts already.
+    pub bytes_done: u64,
+    /// Bytes that must come from peers (blobs this cluster lacks).
+    pub bytes_remote: u64,
+    /// Bytes received from peers in this run (bao encoding included).
+    pub bytes_fetched: u64,
+    pub parts_total: usize,
+    pub parts_done: usize,
+    /// Peers that served ranges in this run.
+    pub peers: Vec<PublicKey>,
+    pub elapsed_secs: f64,
+    pub rate_mib_s: f64,
+}
+
+/// Transfers in progress, shared with status.
+#[derive(Debug, Clone, Default)]
+pub struct Transfers {
+    inner: Arc<Mutex<BTreeMap<VersionId, (Instant, TransferStatus)>>>,
+}
+
+impl Transfers {
+    pub fn snapshot(&self) -> Vec<TransferStatus> {
+        self.inner
+            .lock()
+            .expect("transfers lock")
+            .values()
+            .map(|(started, status)| {
+                let elapsed = started.elapsed().as_secs_f64();
+                TransferStatus {
+                    elapsed_secs: elapsed,
+                    rate_mib_s: if elapsed > 0.0 {
+                        status.bytes_fetched as f64 / elapsed / (1024.0 * 1024.0)
+                    } else {
+                        0.0
+                    },
+                    ..status.clone()
+                }
+            })
+            .collect()
+    }
+
+    fn update(&self, id: &VersionId, change: impl FnOnce(&mut TransferStatus)) {
+        if let Some((_, status)) = self.inner.lock().expect("transfers lock").get_mut(id) {
+            change(status);
+        }
+    }
+}
+
+/// QUIC connections to peers for blob requests, and which peers are cooling down.
+#[derive(Clone)]
+struct PeerConnections {
+    network: Network,
+    known: Vec<PublicKey>,
+    connections: Arc<tokio::sync::Mutex<HashMap<PublicKey, Connection>>>,
+    cooldown: Arc<Mutex<HashMap<PublicKey, Instant>>>,
+}
+
+impl PeerConnections {
+    fn cooling(&self, peer: &PublicKey) -> bool {
+        self.cooldown
+            .lock()
+            .expect("cooldown lock")
+            .get(peer)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn cool(&self, peer: PublicKey) {
+        self.cooldown
+            .lock()
+            .expect("cooldown lock")
+            .insert(peer, Instant::now() + PEER_COOLDOWN);
+    }
+
+    async fn connection(&self, peer: PublicKey) -> Result<Connection, String> {
+        let mut connections = self.connections.lock().await;
+        if let Some(connection) = connections.get(&peer)
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.network
+                .endpoint()
+                .connect(peer.verifying_key(), BLOBS_ALPN),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|err| format!("connect: {err}"))?;
+        connections.insert(peer, connection.clone());
+        Ok(connection)
+    }
+
+    async fn forget(&self, peer: &PublicKey) {
+        self.connections.lock().await.remove(peer);
+    }
+}
+
+/// Verified parent hash pairs of the blobs fetched in one transfer, kept to write their
+/// outboards (every range answer carries the parents above it, so ranges covering a blob carry
+/// its whole outboard).
+#[derive(Default)]
+struct OutboardCollector {
+    blobs: HashMap<usize, (PostOrderMemOutboard, HashSet<TreeNode>)>,
+}
+
+impl OutboardCollector {
+    fn add(
+        &mut self,
+        blob: usize,
+        hash: blake3::Hash,
+        size: u64,
+        parents: &[(TreeNode, (blake3::Hash, blake3::Hash))],
+    ) {
+        let (outboard, seen) = self.blobs.entry(blob).or_insert_with(|| {
+            let tree = BaoTree::new(size, BAO_BLOCK_SIZE);
+            (
+                PostOrderMemOutboard {
+                    root: hash,
+                    tree,
+                    data: vec![0u8; tree.outboard_size() as usize],
+                },
+                HashSet::new(),
+            )
+        });
+        for (node, pair) in parents {
+            if outboard.save(*node, pair).is_ok() {
+                seen.insert(*node);
+            }
+        }
+    }
+
+    /// The complete outboard of a blob, when every parent was seen.
+    fn take(&mut self, blob: usize) -> Option<Vec<u8>> {
+        let (outboard, seen) = self.blobs.remove(&blob)?;
+        (seen.len() as u64 * 64 == outboard.tree.outboard_size()).then_some(outboard.data)
+    }
+}
+
+/// Replicates accepted datasets of other authors. Cheap to clone.
+#[derive(Clone)]
+pub struct Replicator {
+    pub s3: S3Store,
+    pub store: Store,
+    pub index: BlobIndex,
+    pub state: TransferState,
+    pub routes: Routes,
+    pub own_key: PublicKey,
+    pub js: async_nats::jetstream::Context,
+    pub datasets: DatasetsConfig,
+    pub config: ReplicationConfig,
+    pub metrics: Arc<Metrics>,
+    pub transfers: Transfers,
+    peers: PeerConnections,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+impl Replicator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        s3: S3Store,
+        store: Store,
+        index: BlobIndex,
+        state: TransferState,
+        routes: Routes,
+        own_key: PublicKey,
+        js: async_nats::jetstream::Context,
+        datasets: DatasetsConfig,
+        config: ReplicationConfig,
+        metrics: Arc<Metrics>,
+        network: Network,
+        known: Vec<PublicKey>,
+    ) -> Self {
+        Self {
+            running: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent)),
+            s3,
+            store,
+            index,
+            state,
+            routes,
+            own_key,
+            js,
+            datasets,
+            config,
+            metrics,
+            transfers: Transfers::default(),
+            peers: PeerConnections {
+                network,
+                known,
+                connections: Default::default(),
+                cooldown: Default::default(),
+            },
+        }
+    }
+
+    fn replicates(&self, author: &PublicKey, log: &LogId) -> bool {
+        *author != self.own_key
+            && matches!(log, LogId::Dataset(_))
+            && self.routes.accepts(author, log)
+    }
+
+    /// Starts a worker per accepted dataset log, now and whenever a new one appears.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut events = self.store.subscribe();
+        let mut workers: HashMap<(PublicKey, String), Arc<Notify>> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        match self.store.logs().await {
+            Ok(logs) => {
+                for log in logs {
+                    if let LogId::Dataset(name) = &log.log
+                        && self.replicates(&log.author, &log.log)
+                    {
+                        self.wake(
+                            &mut workers,
+                            &mut tasks,
+                            log.author,
+                            name.clone(),
+                            &shutdown,
+                        );
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot list dataset logs; replication waits for new ones")
+            }
+        }
+        loop {
+            let op = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                op = events.recv() => op,
+            };
+            match op {
+                Ok(op) => {
+                    if let LogId::Dataset(name) = op.log()
+                        && self.replicates(&op.author(), op.log())
+                    {
+                        self.wake(
+                            &mut workers,
+                            &mut tasks,
+                            op.author(),
+                            name.clone(),
+                            &shutdown,
+                        );
+                    }
+                }
+                // Missed events: every worker looks at its log again.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for notify in workers.values() {
+                        notify.notify_one();
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Wakes the worker of a dataset log, starting it first if there is none.
+    fn wake(
+        &self,
+        workers: &mut HashMap<(PublicKey, String), Arc<Notify>>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        author: PublicKey,
+        dataset: String,
+        shutdown: &CancellationToken,
+    ) {
+        let notify = workers.entry((author, dataset.clone())).or_insert_with(|| {
+            let notify = Arc::new(Notify::new());
+            tasks.spawn(
+                self.clone()
+                    .worker(author, dataset, notify.clone(), shutdown.clone()),
+            );
+            notify
+        });
+        notify.notify_one();
+    }
+
+    /// Replicates the versions of one dataset log in order.
+    async fn worker(
+        self,
+        author: PublicKey,
+        dataset: String,
+        notify: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let log = LogId::Dataset(dataset.clone());
+        let mut retry = MIN_RETRY;
+        loop {
+            let next = match self.next_operation(&author, &dataset, &log).await {
+                Ok(next) => next,
+                Err(err) => {
+                    tracing::warn!(%author, dataset, %err, "cannot read replication state");
+                    None
+                }
+            };
+            let Some(op) = next else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = notify.notified() => continue,
+                }
+            };
+            let result = {
+                let Ok(_permit) = self.running.acquire().await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    result = self.replicate(&op) => result,
+                }
+            };
+            match result {
+                Ok(()) => retry = MIN_RETRY,
+                Err(err) => {
+                    self.metrics
+                        .replication_versions
+                        .get_or_create(&OutcomeLabels { outcome: "retry" })
+                        .inc();
+                    tracing::warn!(%author, dataset, version = op.seq(), %err, retry_in = ?retry, "replication paused");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    async fn next_operation(
+        &self,
+        author: &PublicKey,
+        dataset: &str,
+        log: &LogId,
+    ) -> Result<Option<SignedOperation>, String> {
+        let next = self
+            .state
+            .next_version(author, dataset)
+            .await
+            .map_err(|err| err.to_string())?;
+        let ops = self
+            .store
+            .operations(author, log, next, 1)
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(ops.into_iter().next().filter(|op| op.seq() == next))
+    }
+
+    /// Replicates one version (resuming its transfer when one was started).
+    async fn replicate(&self, op: &SignedOperation) -> Result<(), ReplicationError> {
+        let manifest = DatasetManifest::decode(&op.body)
+            .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
+        let id = VersionId {
+            author: op.author(),
+            dataset: manifest.dataset.clone(),
+            version: op.seq(),
+        };
+        let key = replica_key(&id);
+        let part_size = self.config.part_size_mib << 20;
+        let index = self.index.clone();
+        let plan = rhio_core::replication::plan(&manifest, part_size, |hash| {
+            let location = index.get(&blake3::Hash::from_hex(hash).ok()?)?;
+            Some(LocalBlob {
+                key: location.key,
+                offset: location.offset,
+            })
+        })
+        .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
+        let upload_id = match self.state.transfer(&id).await? {
+            Some((stored_key, upload_id)) if stored_key == key => upload_id,
+            _ => {
+                let upload_id = self.create_upload(&key).await?;
+                self.state.start_transfer(&id, &key, &upload_id).await?;
+                upload_id
+            }
+        };
+        let done = self.state.parts(&id).await?;
+        let done_numbers: HashSet<u32> = done.iter().map(|p| p.number).collect();
+        let started = Instant::now();
+        self.transfers.inner.lock().expect("transfers lock").insert(
+            id.clone(),
+            (
+                started,
+                TransferStatus {
+                    dataset: id.dataset.clone(),
+                    version: id.version,
+                    author: id.author,
+                    bytes_total: manifest.file_size,
+                    bytes_done: plan
+                        .parts
+                        .iter()
+                        .filter(|p| done_numbers.contains(&p.number))
+                        .map(|p| p.length)
+                        .sum(),
+                    bytes_remote: plan.remote_bytes,
+                    bytes_fetched: 0,
+                    parts_total: plan.parts.len(),
+                    parts_done: done.len(),
+                    peers: Vec::new(),
+                    elapsed_secs: 0.0,
+                    rate_mib_s: 0.0,
+                },
+            ),
+        );
+        self.metrics.transfers_in_progress.inc();
+        tracing::info!(
+            dataset = %id.dataset,
+            version = id.version,
+            author = %id.author,
+            bytes = manifest.file_size,
+            remote_bytes = plan.remote_bytes,
+            local_bytes = plan.local_bytes,
+            parts_done = done.len(),
+            parts = plan.parts.len(),
+            "replicating dataset version"
+        );
+        let transfer = Transfer {
+            replicator: self,
+            id: &id,
+            manifest: &manifest,
+            key: &key,
+            upload_id: &upload_id,
+            bad_sources: Mutex::new(HashSet::new()),
+            outboards: Mutex::new(OutboardCollector::default()),
+        };
+        let result = transfer.run(&plan, done).await;
+        self.metrics.transfers_in_progress.dec();
+        self.transfers
+            .inner
+            .lock()
+            .expect("transfers lock")
+            .remove(&id);
+        match &result {
+            Ok(()) => {
+                self.metrics
+                    .replication_versions
+                    .get_or_create(&OutcomeLabels { outcome: "done" })
+                    .inc();
+                let location = format!("s3://{}/{key}", self.s3.bucket());
+                let subject =
+                    rhio_core::sync::dataset_subject(&self.datasets.subject_prefix, &id.dataset);
+                if let Err(err) =
+                    super::announce(&self.js, &subject, &manifest, op, &location).await
+                {
+                    tracing::warn!(%subject, %err, "dataset replicated but not announced (is a stream capturing the dataset subject?)");
+                }
+                tracing::info!(
+                    dataset = %id.dataset,
+                    version = id.version,
+                    author = %id.author,
+                    bytes = manifest.file_size,
+                    secs = started.elapsed().as_secs_f64(),
+                    %location,
+                    "dataset version replicated"
+                );
+            }
+            Err(ReplicationError::FileHash { .. }) => {
+                // The parts verified but the whole does not: start over from scratch.
+                self.abort_upload(&key, &upload_id).await;
+                self.state.drop_transfer(&id).await?;
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn create_upload(&self, key: &str) -> Result<String, ReplicationError> {
+        let created = self
+            .s3
+            .client()
+            .create_multipart_upload()
+            .bucket(self.s3.bucket())
+            .key(key)
+            .content_type("application/vnd.apache.parquet")
+            .send()
+            .await
+            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+        created
+            .upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| ReplicationError::Storage("no upload id".into()))
+    }
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) {
+        let _ = self
+            .s3
+            .client()
+            .abort_multipart_upload()
+            .bucket(self.s3.bucket())
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+    }
+
+    /// Fills the blob index from the versions available here: this node's own imports and
+    /// completed replications.
+    pub async fn load_index(&self) -> Result<(), String> {
+        let logs = self.store.logs().await.map_err(|err| err.to_string())?;
+        for log in logs {
+            if log.author != self.own_key {
+                continue;
+            }
+            let LogId::Dataset(name) = &log.log else {
+                continue;
+            };
+            let ops = self
+                .store
+                .operations(&log.author, &log.log, 0, log.next_seq)
+                .await
+                .map_err(|err| err.to_string())?;
+            for op in ops {
+                if let Ok(manifest) = DatasetManifest::decode(&op.body) {
+                    self.index
+                        .insert_manifest(&manifest, &super::own_key(name, op.seq()));
+                }
+            }
+        }
+        for (id, key) in self
+            .state
+            .available()
+            .await
+            .map_err(|err| err.to_string())?
+        {
+            let ops = self
+                .store
+                .operations(
+                    &id.author,
+                    &LogId::Dataset(id.dataset.clone()),
+                    id.version,
+                    1,
+                )
+                .await
+                .map_err(|err| err.to_string())?;
+            if let Some(manifest) = ops
+                .first()
+                .and_then(|op| DatasetManifest::decode(&op.body).ok())
+            {
+                self.index.insert_manifest(&manifest, &key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a replicated version of another author lives: beside (never over) local imports.
+pub fn replica_key(id: &VersionId) -> String {
+    format!(
+        "datasets/{}/{}/v{}.parquet",
+        id.dataset, id.author, id.version
+    )
+}
+
+/// One version being replicated.
+struct Transfer<'a> {
+    replicator: &'a Replicator,
+    id: &'a VersionId,
+    manifest: &'a DatasetManifest,
+    key: &'a str,
+    upload_id: &'a str,
+    /// (peer, blob index) pairs that sent corrupt data.
+    bad_sources: Mutex<HashSet<(PublicKey, usize)>>,
+    outboards: Mutex<OutboardCollector>,
+}
+
+impl Transfer<'_> {
+    async fn run(
+        &self,
+        plan: &ReplicationPlan,
+        done: Vec<DonePart>,
+    ) -> Result<(), ReplicationError> {
+        let done_numbers: HashSet<u32> = done.iter().map(|p| p.number).collect();
+        let single = plan.parts.len() == 1;
+        let todo: Vec<PartPlan> = plan
+            .parts
+            .iter()
+            .filter(|p| !done_numbers.contains(&p.number))
+            .cloned()
+            .collect();
+        let mut parts = done;
+        let mut uploads = futures::stream::iter(todo)
+            .map(|part| async move { self.part(&part, single).await })
+            .buffer_unordered(self.replicator.config.parts_in_flight);
+        while let Some(result) = uploads.next().await {
+            parts.push(result?);
+        }
+        drop(uploads);
+        parts.sort_by_key(|p| p.number);
+        let hash = if single {
+            blake3::Hash::from_bytes(parts[0].hash)
+        } else {
+            let cvs: Vec<[u8; 32]> = parts.iter().map(|p| p.hash).collect();
+            file_hash_from_parts(&cvs, plan.part_size, self.manifest.file_size, None)
+        };
+        if hash.to_hex().as_str() != self.manifest.file_hash {
+            return Err(ReplicationError::FileHash {
+                expected: self.manifest.file_hash.clone(),
+                actual: hash.to_hex().to_string(),
+            });
+        }
+        let s3 = &self.replicator.s3;
+        let completed = s3
+            .client()
+            .complete_multipart_upload()
+            .bucket(s3.bucket())
+            .key(self.key)
+            .upload_id(self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(
+                        parts
+                            .iter()
+                            .map(|p| {
+                                CompletedPart::builder()
+                                    .part_number(p.number as i32)
+                                    .e_tag(&p.etag)
+                                    .build()
+                            })
+                            .collect(),
+                    ))
+                    .build(),
+            )
+            .send()
+            .await;
+        if let Err(err) = completed {
+            // Completed before a crash, but not yet recorded: the object is there, verified.
+            let err = crate::s3::describe(&err);
+            if !s3.exists(self.key).await.unwrap_or(false) {
+                return Err(ReplicationError::Storage(err));
+            }
+        }
+        self.store_outboards(plan).await?;
+        s3.client()
+            .put_object()
+            .bucket(s3.bucket())
+            .key(format!(
+                "{SIDECAR_PREFIX}/manifests/{}/{}/v{}.cbor",
+                self.id.dataset, self.id.author, self.id.version
+            ))
+            .body(ByteStream::from(self.manifest.encode()))
+            .send()
+            .await
+            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+        self.replicator.state.finish(self.id, self.key).await?;
+        self.replicator
+            .index
+            .insert_manifest(self.manifest, self.key);
+        Ok(())
+    }
+
+    /// Writes the outboards of the blobs that came from peers, so this node can serve them.
+    async fn store_outboards(&self, plan: &ReplicationPlan) -> Result<(), ReplicationError> {
+        let s3 = &self.replicator.s3;
+        for &blob in &plan.remote_blobs {
+            let entry = &self.manifest.blobs[blob];
+            let hash = blake3::Hash::from_hex(&entry.hash)
+                .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
+            let collected = self.outboards.lock().expect("outboards lock").take(blob);
+            let outboard = match collected {
+                Some(outboard) => outboard,
+                None => self.outboard_from_object(blob, hash).await?,
+            };
+            s3.client()
+                .put_object()
+                .bucket(s3.bucket())
+                .key(outboard_key(&hash))
+                .body(ByteStream::from(outboard))
+                .send()
+                .await
+                .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+        }
+        Ok(())
+    }
+
+    /// The outboard of a blob whose ranges were fetched before a restart (their parents are
+    /// gone with the old process): computed from the completed object in this cluster's S3.
+    async fn outboard_from_object(
+        &self,
+        blob: usize,
+        hash: blake3::Hash,
+    ) -> Result<Vec<u8>, ReplicationError> {
+        let entry = &self.manifest.blobs[blob];
+        let builder = super::import::OutboardBuilder::start(entry.length);
+        let step = 8 << 20;
+        let mut start = 0;
+        while start < entry.length {
+            let end = (start + step).min(entry.length);
+            let data = self
+                .replicator
+                .s3
+                .get_range(self.key, Some((entry.offset + start, end - start)))
+                .await
+                .map_err(ReplicationError::Storage)?;
+            builder
+                .feed(data)
+                .await
+                .map_err(|err| ReplicationError::Internal(err.to_string()))?;
+            start = end;
+        }
+        let (root, outboard) = builder
+            .finish()
+            .await
+            .map_err(|err| ReplicationError::Internal(err.to_string()))?;
+        if root != hash {
+            return Err(ReplicationError::FileHash {
+                expected: hash.to_hex().to_string(),
+                actual: root.to_hex().to_string(),
+            });
+        }
+        Ok(outboard)
+    }
+
+    /// Gathers one part's bytes, uploads it and records it.
+    async fn part(&self, part: &PartPlan, single: bool) -> Result<DonePart, ReplicationError> {
+        let mut bytes = Vec::with_capacity(part.length as usize);
+        let mut wire_bytes = 0;
+        for piece in &part.pieces {
+            match &piece.source {
+                PieceSource::Local(local) => {
+                    let data = self
+                        .replicator
+                        .s3
+                        .get_range(&local.key, Some((local.offset + piece.start, piece.len())))
+                        .await
+                        .map_err(ReplicationError::Storage)?;
+                    if data.len() as u64 != piece.len() {
+                        return Err(ReplicationError::Storage(format!(
+                            "{} returned {} of {} bytes",
+                            local.key,
+                            data.len(),
+                            piece.len()
+                        )));
+                    }
+                    self.replicator
+                        .metrics
+                        .replication_bytes_local
+                        .inc_by(piece.len());
+                    bytes.extend_from_slice(&data);
+                }
+                PieceSource::Remote => {
+                    let before = bytes.len();
+                    let (data, wire) = self
+                        .fetch_counted(piece.blob, piece.start, piece.end, part.number)
+                        .await?;
+                    wire_bytes += wire;
+                    bytes.extend_from_slice(&data);
+                    debug_assert_eq!(bytes.len() - before, piece.len() as usize);
+                }
+            }
+        }
+        let offset = part.offset;
+        let (bytes, hash) = tokio::task::spawn_blocking(move || {
+            let hash = if single {
+                *blake3::hash(&bytes).as_bytes()
+            } else {
+                part_chaining_value(offset, &bytes)
+            };
+            (bytes, hash)
+        })
+        .await
+        .map_err(|err| ReplicationError::Internal(err.to_string()))?;
+        let s3 = &self.replicator.s3;
+        let uploaded = s3
+            .client()
+            .upload_part()
+            .bucket(s3.bucket())
+            .key(self.key)
+            .upload_id(self.upload_id)
+            .part_number(part.number as i32)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+        let done = DonePart {
+            number: part.number,
+            etag: uploaded.e_tag().unwrap_or_default().to_string(),
+            hash,
+            wire_bytes,
+        };
+        self.replicator.state.record_part(self.id, &done).await?;
+        self.replicator.transfers.update(self.id, |status| {
+            status.parts_done += 1;
+            status.bytes_done += part.length;
+        });
+        Ok(done)
+    }
+
+    /// Fetches a verified range of a blob from whichever peer can serve it; peers are tried in
+    /// an order rotated by `rotation`, so parts spread over peers.
+    async fn fetch_counted(
+        &self,
+        blob: usize,
+        start: u64,
+        end: u64,
+        rotation: u32,
+    ) -> Result<(Vec<u8>, u64), ReplicationError> {
+        let entry = &self.manifest.blobs[blob];
+        let hash = blake3::Hash::from_hex(&entry.hash)
+            .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
+        let request = RangeRequest {
+            hash,
+            size: entry.length,
+            start,
+            end,
+        };
+        let peers = &self.replicator.peers;
+        let timeout = Duration::from_secs(self.replicator.config.request_timeout_secs);
+        let mut last = "no known node".to_string();
+        let count = peers.known.len();
+        for round in 0..FETCH_ROUNDS {
+            let mut tried = 0;
+            for i in 0..count {
+                let peer = peers.known[(i + rotation as usize) % count];
+                if self
+                    .bad_sources
+                    .lock()
+                    .expect("bad sources lock")
+                    .contains(&(peer, blob))
+                    || peers.cooling(&peer)
+                {
+                    continue;
+                }
+                tried += 1;
+                let connection = match peers.connection(peer).await {
+                    Ok(connection) => connection,
+                    Err(err) => {
+                        peers.cool(peer);
+                        last = format!("{peer}: {err}");
+                        continue;
+                    }
+                };
+                match fetch_range(&connection, request, timeout).await {
+                    Ok(fetched) => {
+                        let metrics = &self.replicator.metrics;
+                        metrics.replication_bytes_fetched.inc_by(fetched.wire_bytes);
+                        self.outboards.lock().expect("outboards lock").add(
+                            blob,
+                            hash,
+                            entry.length,
+                            &fetched.parents,
+                        );
+                        self.replicator.transfers.update(self.id, |status| {
+                            status.bytes_fetched += fetched.wire_bytes;
+                            if !status.peers.contains(&peer) {
+                                status.peers.push(peer);
+                            }
+                        });
+                        return Ok((fetched.bytes, fetched.wire_bytes));
+                    }
+                    Err(FetchError::Corrupt(detail)) => {
+                        self.replicator.metrics.replication_corrupt_ranges.inc();
+                        tracing::warn!(%peer, dataset = %self.id.dataset, blob = %hash, detail, "peer sent data that does not verify; not asking it for this blob again");
+                        self.bad_sources
+                            .lock()
+                            .expect("bad sources lock")
+                            .insert((peer, blob));
+                        last = format!("{peer}: corrupt data");
+                    }
+                    Err(FetchError::NotFound) => last = format!("{peer}: does not have it"),
+                    Err(FetchError::Refused(why)) => last = format!("{peer}: {why}"),
+                    Err(FetchError::Transport(err)) => {
+                        peers.forget(&peer).await;
+                        peers.cool(peer);
+                        last = format!("{peer}: {err}");
+                    }
+                }
+            }
+            if tried == 0 && round > 0 && self.all_bad(blob) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250 * (round as u64 + 1).min(8))).await;
+        }
+        Err(ReplicationError::NoSource {
+            hash: entry.hash.clone(),
+            start,
+            end,
+            last,
+        })
+    }
+
+    fn all_bad(&self, blob: usize) -> bool {
+        let bad = self.bad_sources.lock().expect("bad sources lock");
+        self.replicator
+            .peers
+            .known
+            .iter()
+            .all(|peer| bad.contains(&(*peer, blob)))
+    }
+}

@@ -1,0 +1,202 @@
+//! Durable replication state in the node's data directory (`replication.sqlite`): the multipart
+//! upload of each version being replicated with the parts already uploaded (their ETag and
+//! BLAKE3 chaining value), and the versions that are complete in this cluster.
+//!
+//! A part is recorded after S3 accepted it, so a restarted node resumes a transfer from the parts
+//! it has and never needs the bytes of those parts again (the whole-file hash is computed from
+//! the stored chaining values).
+
+use std::path::Path;
+use std::str::FromStr;
+
+use rhio_core::identity::PublicKey;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS transfers (
+    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL,
+    key TEXT NOT NULL, upload_id TEXT NOT NULL,
+    PRIMARY KEY (author, dataset, version)
+);
+CREATE TABLE IF NOT EXISTS parts (
+    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL,
+    number INTEGER NOT NULL, etag TEXT NOT NULL, hash BLOB NOT NULL, wire_bytes INTEGER NOT NULL,
+    PRIMARY KEY (author, dataset, version, number)
+);
+CREATE TABLE IF NOT EXISTS available (
+    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL,
+    PRIMARY KEY (author, dataset, version)
+);
+";
+
+/// One replicated version: (author, dataset, version).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VersionId {
+    pub author: PublicKey,
+    pub dataset: String,
+    pub version: u64,
+}
+
+impl std::fmt::Display for VersionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/v{} by {}", self.dataset, self.version, self.author)
+    }
+}
+
+/// A part already in S3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DonePart {
+    pub number: u32,
+    pub etag: String,
+    /// Chaining value of the part (the root hash when the file is one part).
+    pub hash: [u8; 32],
+    pub wire_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TransferState {
+    pool: SqlitePool,
+}
+
+type Result<T> = std::result::Result<T, sqlx::Error>;
+
+impl TransferState {
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The multipart upload of a version in progress: (key, upload id).
+    pub async fn transfer(&self, id: &VersionId) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT key, upload_id FROM transfers WHERE author = ? AND dataset = ? AND version = ?",
+        )
+        .bind(id.author.to_string())
+        .bind(&id.dataset)
+        .bind(id.version as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+
+    pub async fn start_transfer(&self, id: &VersionId, key: &str, upload_id: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO transfers VALUES (?, ?, ?, ?, ?)")
+            .bind(id.author.to_string())
+            .bind(&id.dataset)
+            .bind(id.version as i64)
+            .bind(key)
+            .bind(upload_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn parts(&self, id: &VersionId) -> Result<Vec<DonePart>> {
+        let rows = sqlx::query(
+            "SELECT number, etag, hash, wire_bytes FROM parts
+             WHERE author = ? AND dataset = ? AND version = ? ORDER BY number",
+        )
+        .bind(id.author.to_string())
+        .bind(&id.dataset)
+        .bind(id.version as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let hash: Vec<u8> = row.get(2);
+                Some(DonePart {
+                    number: row.get::<i64, _>(0) as u32,
+                    etag: row.get(1),
+                    hash: hash.try_into().ok()?,
+                    wire_bytes: row.get::<i64, _>(3) as u64,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn record_part(&self, id: &VersionId, part: &DonePart) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(id.author.to_string())
+            .bind(&id.dataset)
+            .bind(id.version as i64)
+            .bind(part.number as i64)
+            .bind(&part.etag)
+            .bind(part.hash.to_vec())
+            .bind(part.wire_bytes as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a transfer (after it completed or was abandoned).
+    pub async fn drop_transfer(&self, id: &VersionId) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["transfers", "parts"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE author = ? AND dataset = ? AND version = ?"
+            ))
+            .bind(id.author.to_string())
+            .bind(&id.dataset)
+            .bind(id.version as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Marks a version complete at `key` and forgets its transfer.
+    pub async fn finish(&self, id: &VersionId, key: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO available VALUES (?, ?, ?, ?)")
+            .bind(id.author.to_string())
+            .bind(&id.dataset)
+            .bind(id.version as i64)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        self.drop_transfer(id).await
+    }
+
+    /// Number of versions of a dataset log available here (versions complete in order, so this
+    /// is the next version to replicate).
+    pub async fn next_version(&self, author: &PublicKey, dataset: &str) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(version) + 1, 0) FROM available WHERE author = ? AND dataset = ?",
+        )
+        .bind(author.to_string())
+        .bind(dataset)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
+    /// Every version available here: (version, key).
+    pub async fn available(&self) -> Result<Vec<(VersionId, String)>> {
+        let rows = sqlx::query("SELECT author, dataset, version, key FROM available")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let author: String = row.get(0);
+                Some((
+                    VersionId {
+                        author: author.parse().ok()?,
+                        dataset: row.get(1),
+                        version: row.get::<i64, _>(2) as u64,
+                    },
+                    row.get(3),
+                ))
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,419 @@
+//! Dataset replication between clusters, each with its own NATS (JetStream) and S3, over
+//! loopback QUIC: byte-identical copies, delta versions, catch-up through a third cluster, crash
+//! and resume, a peer serving rotten bytes, and an author that is not allowed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{
+    Cluster, LocalEnv, NodeSpec, RhioNode, make_parquet, metric, publish_toml, runtime, s3_client,
+    stream_messages, subscribe_toml, wait_for,
+};
+use rhio_core::manifest::DatasetManifest;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A node spec for cluster `index` of `env`, with its own data dir under `dir`.
+fn spec(env: &LocalEnv, index: usize, dir: &Path, name: &str) -> NodeSpec {
+    NodeSpec::for_cluster(&env.clusters[index], &dir.join(name))
+}
+
+fn know(spec: &mut NodeSpec, others: &[&NodeSpec]) {
+    for other in others {
+        spec.known_nodes.push((other.public_key(), other.quic_port));
+    }
+}
+
+fn import(cluster: &Cluster, path: &Path, dataset: &str) -> Value {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = rhio_client::Client::connect(&cluster.nats_url)
+            .await
+            .unwrap();
+        let answer = client
+            .import(path.to_str().unwrap(), Some(dataset), None, WAIT)
+            .await
+            .unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        answer
+    })
+}
+
+/// Waits until the cluster's DATASETS stream holds `count` announcements and returns them as
+/// (summary JSON, author header).
+fn announcements(cluster: &Cluster, count: u64) -> Vec<(Value, String)> {
+    runtime().block_on(async {
+        stream_messages(&cluster.nats_url, "DATASETS", count, WAIT)
+            .await
+            .into_iter()
+            .map(|m| {
+                let author = m
+                    .headers
+                    .get("X-Rhio-PublicKey")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                (serde_json::from_slice(&m.payload).unwrap(), author)
+            })
+            .collect()
+    })
+}
+
+fn s3_get(cluster: &Cluster, key: &str) -> Vec<u8> {
+    runtime().block_on(async {
+        s3_client(cluster)
+            .get_object()
+            .bucket(&cluster.s3_bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("get {key}: {err:?}"))
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+            .to_vec()
+    })
+}
+
+fn s3_keys(cluster: &Cluster, prefix: &str) -> Vec<String> {
+    runtime().block_on(async {
+        s3_client(cluster)
+            .list_objects_v2()
+            .bucket(&cluster.s3_bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap()
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(String::from))
+            .collect()
+    })
+}
+
+/// The key of an `s3://bucket/key` location.
+fn key_of(location: &str) -> String {
+    location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, key)| key.to_string())
+        .unwrap_or_else(|| panic!("location {location}"))
+}
+
+/// Checks that an announcement points at a byte-identical copy of `file` in `cluster`'s S3.
+fn assert_copy(cluster: &Cluster, announcement: &Value, file: &Path) {
+    let location = announcement["location"].as_str().unwrap();
+    let copy = s3_get(cluster, &key_of(location));
+    let original = std::fs::read(file).unwrap();
+    assert_eq!(copy.len(), original.len(), "size of {location}");
+    assert!(
+        blake3::hash(&copy) == blake3::hash(&original),
+        "{location} differs from {}",
+        file.display()
+    );
+    assert_eq!(
+        announcement["file_hash"].as_str().unwrap(),
+        blake3::hash(&original).to_hex().as_str()
+    );
+}
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    nodes: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    Dirs {
+        root,
+        nodes: tmp.path().join("nodes"),
+        _tmp: tmp,
+    }
+}
+
+#[test]
+fn a_dataset_replicates_byte_identical_and_a_new_version_moves_only_its_new_row_groups() {
+    let env = LocalEnv::up(2);
+    let dirs = dirs();
+    let (v1, v2) = (dirs.root.join("v1.parquet"), dirs.root.join("v2.parquet"));
+    // ~200 MiB in ~4 MiB row groups, then 24 MiB more.
+    make_parquet(&[
+        "appended",
+        v1.to_str().unwrap(),
+        v2.to_str().unwrap(),
+        "200",
+        "24",
+        "4000",
+    ]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b]);
+    know(&mut b, &[&a]);
+    b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS");
+    let node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+
+    let started = Instant::now();
+    let first = import(&env.clusters[0], &v1, "weather");
+    let got = announcements(&env.clusters[1], 1);
+    let secs = started.elapsed().as_secs_f64();
+    let (summary, author) = &got[0];
+    assert_eq!(author, &a.public_key());
+    assert_eq!(summary["version"], 0);
+    assert_eq!(summary["operation"], first["operation"]);
+    let location = summary["location"].as_str().unwrap();
+    assert!(
+        location.ends_with(&format!("datasets/weather/{}/v0.parquet", a.public_key())),
+        "{location}"
+    );
+    assert_copy(&env.clusters[1], summary, &v1);
+    let v1_len = std::fs::metadata(&v1).unwrap().len();
+    let fetched_v1 = metric(&node_b, "rhio_replication_bytes_fetched_total");
+    println!(
+        "v1: {v1_len} bytes, {} row groups, import + replication {secs:.2} s, {fetched_v1} bytes fetched",
+        first["row_groups"]
+    );
+    assert!(fetched_v1 >= v1_len as f64 && fetched_v1 <= v1_len as f64 * 1.02);
+
+    // The appended version: only row groups B lacks cross the network.
+    import(&env.clusters[0], &v2, "weather");
+    let got = announcements(&env.clusters[1], 2);
+    let (summary, _) = &got[1];
+    assert_eq!(summary["version"], 1);
+    assert_copy(&env.clusters[1], summary, &v2);
+    let manifest = |version| {
+        DatasetManifest::decode(&s3_get(
+            &env.clusters[0],
+            &format!(".rhio/manifests/weather/v{version}.cbor"),
+        ))
+        .unwrap()
+    };
+    let (m1, m2) = (manifest(0), manifest(1));
+    let new_bytes: u64 = m2
+        .blobs
+        .iter()
+        .filter(|blob| !m1.blobs.iter().any(|old| old.hash == blob.hash))
+        .map(|blob| blob.length)
+        .sum();
+    let moved = metric(&node_b, "rhio_replication_bytes_fetched_total") - fetched_v1;
+    let ratio = moved / new_bytes as f64;
+    println!("v2: {new_bytes} bytes of new blobs, {moved} bytes moved, ratio {ratio:.4}");
+    assert!(new_bytes > 20 << 20 && new_bytes < 30 << 20, "{new_bytes}");
+    assert!(
+        (1.0..=1.05).contains(&ratio),
+        "moved {moved} bytes for {new_bytes} new"
+    );
+    let reused: u64 = m2
+        .blobs
+        .iter()
+        .filter(|blob| m1.blobs.iter().any(|old| old.hash == blob.hash))
+        .map(|blob| blob.length)
+        .sum();
+    assert_eq!(reused + new_bytes, m2.file_size);
+    assert_eq!(
+        metric(&node_b, "rhio_replication_bytes_local_total"),
+        reused as f64
+    );
+
+    // Status shows what B holds and that nothing is in flight.
+    let (_, health) = node_b.health().unwrap();
+    assert_eq!(health["datasets"]["versions_replicated"], 2, "{health}");
+    assert_eq!(health["datasets"]["blobs"], m2.blobs.len() + 1, "{health}");
+    assert!(
+        health["datasets"]["transfers"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_third_cluster_gets_the_dataset_from_a_replica_while_the_author_is_down() {
+    let env = LocalEnv::up(3);
+    let dirs = dirs();
+    let file = dirs.root.join("sensors.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "40", "2000"]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    let mut c = spec(&env, 2, &dirs.nodes, "c");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b, &c]);
+    know(&mut b, &[&a, &c]);
+    know(&mut c, &[&a, &b]);
+    let author = a.public_key();
+    b.extra = subscribe_toml(&author, &["datasets.*"], "DATASETS");
+    c.extra = subscribe_toml(&author, &["datasets.sensors"], "DATASETS");
+    let mut node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &file, "sensors");
+    let got = announcements(&env.clusters[1], 1);
+    assert_copy(&env.clusters[1], &got[0].0, &file);
+
+    node_a.signal(libc::SIGTERM);
+    node_a.wait_exit(Duration::from_secs(30));
+    let node_c = RhioNode::start(c.clone());
+    node_c.wait_http();
+    let got = announcements(&env.clusters[2], 1);
+    let (summary, header_author) = &got[0];
+    assert_eq!(header_author, &author);
+    assert_copy(&env.clusters[2], summary, &file);
+    let served_by_b = metric(&node_b, "rhio_blob_bytes_served_total");
+    let file_len = std::fs::metadata(&file).unwrap().len() as f64;
+    assert!(served_by_b >= file_len, "B served {served_by_b} bytes");
+    // C can serve what it replicated: its outboards are in its S3.
+    let (_, health) = node_c.health().unwrap();
+    let blobs = health["datasets"]["blobs"].as_u64().unwrap() as usize;
+    assert!(blobs > 10, "{health}");
+    assert_eq!(s3_keys(&env.clusters[2], ".rhio/outboards/").len(), blobs);
+}
+
+#[test]
+fn a_peer_serving_corrupt_bytes_is_detected_and_the_data_comes_from_an_honest_peer() {
+    let env = LocalEnv::up(3);
+    let dirs = dirs();
+    let file = dirs.root.join("rot.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "40", "2000"]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    let mut c = spec(&env, 2, &dirs.nodes, "c");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b, &c]);
+    know(&mut b, &[&a, &c]);
+    // C asks B first for every other part.
+    know(&mut c, &[&b, &a]);
+    let author = a.public_key();
+    b.extra = subscribe_toml(&author, &["datasets.>"], "DATASETS");
+    c.extra = subscribe_toml(&author, &["datasets.>"], "DATASETS");
+    let node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &file, "rot");
+    let got = announcements(&env.clusters[1], 1);
+    let key = key_of(got[0].0["location"].as_str().unwrap());
+
+    // Rot in B's S3: one byte in every MiB of its copy.
+    let path = env.s3_object_path(1, &key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for at in (1000..bytes.len()).step_by(1 << 20) {
+        bytes[at] ^= 0x40;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    let node_c = RhioNode::start(c.clone());
+    node_c.wait_http();
+    let got = announcements(&env.clusters[2], 1);
+    assert_copy(&env.clusters[2], &got[0].0, &file);
+    let corrupt = metric(&node_c, "rhio_replication_corrupt_ranges_total");
+    assert!(corrupt >= 1.0, "C never noticed B's rotten bytes");
+    assert!(
+        node_c.log().contains("does not verify"),
+        "the log names the peer that sent corrupt data"
+    );
+}
+
+#[test]
+fn a_receiver_killed_mid_transfer_resumes_and_refetches_little() {
+    let env = LocalEnv::up(2);
+    let dirs = dirs();
+    let file = dirs.root.join("big.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "200", "4000"]);
+    let file_len = std::fs::metadata(&file).unwrap().len();
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b]);
+    know(&mut b, &[&a]);
+    b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS")
+        + "\n[replication]\nparts_in_flight = 2\n";
+    let node_a = RhioNode::start(a.clone());
+    let mut node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &file, "big");
+
+    // Kill B (SIGKILL) once a few parts are in S3 and the transfer is still running.
+    let (done, total) = wait_for("a transfer with parts done", WAIT, || {
+        let (_, health) = node_b.health()?;
+        let transfer = health["datasets"]["transfers"].as_array()?.first()?.clone();
+        let done = transfer["parts_done"].as_u64()?;
+        (done >= 6).then(|| (done, transfer["parts_total"].as_u64().unwrap()))
+    });
+    node_b.kill();
+    assert!(done < total, "the transfer finished before the kill");
+    let served_before = metric(&node_a, "rhio_blob_bytes_served_total");
+
+    let node_b = RhioNode::start(b.clone());
+    let got = announcements(&env.clusters[1], 1);
+    assert_copy(&env.clusters[1], &got[0].0, &file);
+    let served = metric(&node_a, "rhio_blob_bytes_served_total");
+    let refetched = served - file_len as f64;
+    println!(
+        "killed at {done}/{total} parts; A served {served_before} bytes before, {served} in all for a {file_len}-byte file ({:.2}% refetched)",
+        refetched * 100.0 / file_len as f64
+    );
+    assert!(
+        served <= file_len as f64 * 1.10,
+        "A served {served} bytes for a {file_len}-byte file"
+    );
+    let (_, health) = node_b.health().unwrap();
+    assert!(
+        health["datasets"]["transfers"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn datasets_of_an_author_are_not_replicated_without_a_matching_subscription() {
+    let env = LocalEnv::up(2);
+    let dirs = dirs();
+    let file = dirs.root.join("private.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "4", "500"]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b]);
+    know(&mut b, &[&a]);
+    a.extra = publish_toml(&["announcements.>"], "ANNOUNCEMENTS");
+    // B takes A's announcements, not its datasets.
+    b.extra = subscribe_toml(&a.public_key(), &["announcements.>"], "ANNOUNCEMENTS");
+    let node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &file, "private");
+    // A message sent after the import arriving proves the sync session carried everything
+    // B is allowed to have.
+    runtime().block_on(common::js_publish(
+        &env.clusters[0].nats_url,
+        [(
+            "announcements.done".to_string(),
+            async_nats::HeaderMap::new(),
+            b"imported".to_vec(),
+        )],
+    ));
+    runtime().block_on(stream_messages(
+        &env.clusters[1].nats_url,
+        "ANNOUNCEMENTS",
+        1,
+        WAIT,
+    ));
+    assert!(s3_keys(&env.clusters[1], "datasets/").is_empty());
+    let (_, health) = node_b.health().unwrap();
+    assert_eq!(health["datasets"]["blobs"], 0, "{health}");
+    assert_eq!(metric(&node_a, "rhio_blob_bytes_served_total"), 0.0);
+}
