@@ -1,8 +1,12 @@
 //! `./dev/bench`: rhio against baselines measured in the same run, on real local servers.
 //!
 //! Scenarios (each rhio run interleaved with its baseline, A B A B ..., medians reported):
-//! - limits: BLAKE3 on one core and on all cores, loopback QUIC between two iroh endpoints, S3 PUT
-//!   and GET to the local S3 server;
+//! - limits: BLAKE3 on one core and on all cores, bao outboard computation, loopback QUIC between
+//!   two iroh endpoints, S3 PUT and GET to the local S3 server;
+//! - import: `rhio.import` of a Parquet file against an aws-sdk-s3 multipart upload of it;
+//! - replication: a dataset A -> B until announced in B, against `rclone copyto` and a streaming
+//!   aws-sdk-s3 copy (GET from A piped into a multipart upload to B) of the same object; the
+//!   delta ratio of an appended version (bytes moved / bytes of new blobs);
 //! - messages: sustained routed msg/s (1 KiB, zero loss checked) and publish-to-delivery latency
 //!   at a fixed 500 msg/s, against a plain JetStream bridge A -> B without signing;
 //! - memory: peak RSS of each rhio node.
@@ -127,6 +131,23 @@ fn blake3_limits(size: usize) -> (f64, f64) {
     (one, all)
 }
 
+/// bao outboard (16 KiB chunk groups, post order) computation speed on one core, GiB/s.
+fn outboard_limit(size: usize) -> f64 {
+    let data = vec![0x42u8; size];
+    let gib = size as f64 / (1u64 << 30) as f64;
+    median(
+        (0..3)
+            .map(|_| {
+                let tree = bao_tree::BaoTree::new(size as u64, rhio::blobs::BAO_BLOCK_SIZE);
+                let mut outboard = Vec::new();
+                let start = Instant::now();
+                bao_tree::io::sync::outboard_post_order(&data[..], tree, &mut outboard).unwrap();
+                gib / start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
 #[derive(Debug, Clone)]
 struct Sink;
 
@@ -224,6 +245,256 @@ async fn s3_limits(cluster: &common::Cluster, bytes: usize) -> (f64, f64) {
     (put, get)
 }
 
+// -------------------------------------------------------------------------------- replication
+
+/// Waits until B announced `version` of `dataset`; returns the announcement.
+async fn announced(clusters: &Clusters, dataset: &str, version: u64) -> Value {
+    let js = jetstream::new(
+        async_nats::connect(&clusters.env.clusters[1].nats_url)
+            .await
+            .unwrap(),
+    );
+    let subject = format!("datasets.{dataset}");
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        if let Ok(stream) = js.get_stream("DATASETS").await
+            && let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await
+        {
+            let summary: Value = serde_json::from_slice(&message.payload).unwrap();
+            if summary["version"].as_u64() >= Some(version) {
+                return summary;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{subject} v{version} never announced in B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Imports `path` into A as `dataset` and times until B announced it (its S3 holds the verified
+/// copy). Returns MiB/s.
+async fn replicate_rhio(clusters: &Clusters, path: &std::path::Path, dataset: &str) -> f64 {
+    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
+        .await
+        .unwrap();
+    let answer = client
+        .import(
+            path.to_str().unwrap(),
+            Some(dataset),
+            None,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    // Replication starts when B receives the manifest, right after the import's reply.
+    let start = Instant::now();
+    let summary = announced(clusters, dataset, 0).await;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(summary["file_hash"], answer["file_hash"]);
+    answer["bytes"].as_u64().unwrap() as f64 / (1 << 20) as f64 / secs
+}
+
+/// `rclone copyto` of A's object to B's S3 (rclone streams through this host). Returns MiB/s.
+fn replicate_rclone(clusters: &Clusters, key: &str, target: &str, len: u64) -> f64 {
+    let mut command = std::process::Command::new("rclone");
+    // rclone's AWS SDK cannot use a custom CA bundle with its HTTP transport; the local S3
+    // servers speak plain HTTP anyway.
+    command.env_remove("AWS_CA_BUNDLE");
+    for (remote, cluster) in [
+        ("A", &clusters.env.clusters[0]),
+        ("B", &clusters.env.clusters[1]),
+    ] {
+        for (name, value) in [
+            ("TYPE", "s3"),
+            ("PROVIDER", "Other"),
+            ("ENDPOINT", cluster.s3_endpoint.as_str()),
+            ("ACCESS_KEY_ID", cluster.s3_access_key.as_str()),
+            ("SECRET_ACCESS_KEY", cluster.s3_secret_key.as_str()),
+            ("REGION", "us-east-1"),
+        ] {
+            command.env(format!("RCLONE_CONFIG_{remote}_{name}"), value);
+        }
+    }
+    let bucket = &clusters.env.clusters[0].s3_bucket;
+    let start = Instant::now();
+    let output = command
+        .args([
+            "copyto",
+            &format!("A:{bucket}/{key}"),
+            &format!("B:{bucket}/{target}"),
+            "--s3-chunk-size",
+            &format!("{REPLICATION_PART_MIB}M"),
+            "--s3-upload-concurrency",
+            &REPLICATION_CONCURRENCY.to_string(),
+            "--s3-no-check-bucket",
+        ])
+        .output()
+        .expect("rclone runs (./dev/bench installs Debian's rclone)");
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "rclone: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    len as f64 / (1 << 20) as f64 / secs
+}
+
+/// A streaming copy with aws-sdk-s3: GET from A piped into a multipart upload to B, same part
+/// size and parts in flight as rhio. Returns MiB/s.
+async fn replicate_sdk(clusters: &Clusters, key: &str, target: &str) -> f64 {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let from = common::s3_client(&clusters.env.clusters[0]);
+    let to = common::s3_client(&clusters.env.clusters[1]);
+    let bucket = clusters.env.clusters[0].s3_bucket.clone();
+    let part_size = (REPLICATION_PART_MIB << 20) as usize;
+    let start = Instant::now();
+    let mut body = from
+        .get_object()
+        .bucket(&bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .body;
+    let upload = to
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(target)
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap().to_string();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut parts = Vec::new();
+    let mut buffer = Vec::with_capacity(part_size);
+    let mut number = 1;
+    let mut total = 0u64;
+    loop {
+        let chunk = body.try_next().await.unwrap();
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            total += chunk.len() as u64;
+            buffer.extend_from_slice(&chunk);
+        }
+        if buffer.len() >= part_size || (done && !buffer.is_empty()) {
+            let data = std::mem::replace(&mut buffer, Vec::with_capacity(part_size));
+            let (to, bucket, target, upload_id) = (
+                to.clone(),
+                bucket.clone(),
+                target.to_string(),
+                upload_id.clone(),
+            );
+            in_flight.push_back(tokio::spawn(async move {
+                let part = to
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(target)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(data.into())
+                    .send()
+                    .await
+                    .unwrap();
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(String::from))
+                    .build()
+            }));
+            number += 1;
+            while in_flight.len() >= REPLICATION_CONCURRENCY {
+                parts.push(in_flight.next().await.unwrap().unwrap());
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    while let Some(part) = in_flight.next().await {
+        parts.push(part.unwrap());
+    }
+    to.complete_multipart_upload()
+        .bucket(&bucket)
+        .key(target)
+        .upload_id(upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    total as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Part size and parts in flight of rhio's replication (its defaults) and of both baselines.
+const REPLICATION_PART_MIB: u64 = 8;
+const REPLICATION_CONCURRENCY: usize = 4;
+
+/// Replicates an appended version and returns (bytes moved, bytes of new blobs).
+async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
+    let (v1, v2) = (
+        clusters.data.join("delta-v1.parquet"),
+        clusters.data.join("delta-v2.parquet"),
+    );
+    common::make_parquet(&[
+        "appended",
+        v1.to_str().unwrap(),
+        v2.to_str().unwrap(),
+        &mib.to_string(),
+        &extra_mib.to_string(),
+        "4000",
+    ]);
+    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
+        .await
+        .unwrap();
+    let mut manifests = Vec::new();
+    let mut fetched = Vec::new();
+    for (version, file) in [&v1, &v2].into_iter().enumerate() {
+        let answer = client
+            .import(
+                file.to_str().unwrap(),
+                Some("delta"),
+                None,
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        announced(clusters, "delta", version as u64).await;
+        fetched.push(common::metric(
+            &clusters.nodes[1],
+            "rhio_replication_bytes_fetched_total",
+        ));
+        let s3 = common::s3_client(&clusters.env.clusters[0]);
+        let bytes = s3
+            .get_object()
+            .bucket(&clusters.env.clusters[0].s3_bucket)
+            .key(format!(".rhio/manifests/delta/v{version}.cbor"))
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        manifests.push(rhio_core::manifest::DatasetManifest::decode(&bytes).unwrap());
+    }
+    let new_bytes = manifests[1]
+        .blobs
+        .iter()
+        .filter(|blob| !manifests[0].blobs.iter().any(|old| old.hash == blob.hash))
+        .map(|blob| blob.length)
+        .sum();
+    let _ = std::fs::remove_file(&v1);
+    let _ = std::fs::remove_file(&v2);
+    (fetched[1] - fetched[0], new_bytes)
+}
+
 // ----------------------------------------------------------------------------------- messages
 
 /// A message path from cluster A's JetStream to cluster B's.
@@ -257,7 +528,14 @@ async fn clusters() -> Clusters {
     a.known_nodes.push((b.public_key(), b.quic_port));
     b.known_nodes.push((key_a.clone(), a.quic_port));
     a.extra = publish_toml(&["bench.rhio.>"], "RHIO_OUT");
-    b.extra = subscribe_toml(&key_a, &["bench.rhio.>"], "RHIO_IN");
+    // B replicates only the datasets of the replication scenario, not the import benchmark's.
+    let replicated: Vec<String> = (0..3)
+        .map(|round| format!("datasets.repl{round}"))
+        .chain(["datasets.delta".to_string()])
+        .collect();
+    let replicated: Vec<&str> = replicated.iter().map(String::as_str).collect();
+    b.extra = subscribe_toml(&key_a, &["bench.rhio.>"], "RHIO_IN")
+        + &subscribe_toml(&key_a, &replicated, "DATASETS");
     let node_a = RhioNode::start(a);
     let node_b = RhioNode::start(b);
     node_a.wait_peers_connected(1);
@@ -648,6 +926,15 @@ fn main() {
         "-".into(),
     ));
     results.insert("quic_loopback_mib_s".into(), json!(quic));
+    let outboard = outboard_limit(if settings.quick { 256 << 20 } else { 1 << 30 });
+    rows.push((
+        "limits".into(),
+        "bao outboard (16 KiB groups), one core".into(),
+        format!("{outboard:.2} GiB/s"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("bao_outboard_gib_s".into(), json!(outboard));
 
     let clusters = runtime.block_on(clusters());
     let (put, get) = runtime.block_on(s3_limits(
@@ -718,6 +1005,108 @@ fn main() {
     results.insert("import_baseline_runs".into(), json!(baseline_imports));
     results.insert("rss_node_a_after_import_mib".into(), json!(rss_import));
     let _ = std::fs::remove_file(&import_file);
+
+    // replication: a fresh file per round (identical bytes would be found in B and not moved).
+    let repl_mib: u64 = if settings.quick { 128 } else { 1024 };
+    let (mut rhio_repl, mut rclone_repl, mut sdk_repl) = (Vec::new(), Vec::new(), Vec::new());
+    let mut repl_cpu_b = Vec::new();
+    for round in 0..settings.runs {
+        let file = clusters.data.join(format!("repl{round}.parquet"));
+        common::make_parquet(&[
+            "sized",
+            file.to_str().unwrap(),
+            &repl_mib.to_string(),
+            "8192",
+        ]);
+        let len = std::fs::metadata(&file).unwrap().len();
+        let dataset = format!("repl{round}");
+        let before: Vec<f64> = clusters
+            .nodes
+            .iter()
+            .map(|n| cpu_seconds(n.pid()))
+            .collect();
+        rhio_repl.push(runtime.block_on(replicate_rhio(&clusters, &file, &dataset)));
+        // CPU of both nodes during import + replication, minus what the import alone costs is
+        // not separable here; B's share is replication only.
+        repl_cpu_b.push(
+            (cpu_seconds(clusters.nodes[1].pid()) - before[1]) / (len as f64 / (1u64 << 30) as f64),
+        );
+        let key = format!("datasets/{dataset}/v0.parquet");
+        rclone_repl.push(replicate_rclone(
+            &clusters,
+            &key,
+            &format!("baseline/rclone-{round}.parquet"),
+            len,
+        ));
+        sdk_repl.push(runtime.block_on(replicate_sdk(
+            &clusters,
+            &key,
+            &format!("baseline/sdk-{round}.parquet"),
+        )));
+        let _ = std::fs::remove_file(&file);
+    }
+    let (rhio_r, rclone_r, sdk_r) = (
+        median(rhio_repl.clone()),
+        median(rclone_repl.clone()),
+        median(sdk_repl.clone()),
+    );
+    rows.push((
+        "replication".into(),
+        format!("{repl_mib} MiB dataset A -> B, verified (vs rclone copyto)"),
+        format!("{rhio_r:.0} MiB/s"),
+        format!("{rclone_r:.0} MiB/s"),
+        format!("{:.2}x", rhio_r / rclone_r),
+    ));
+    rows.push((
+        "replication".into(),
+        format!("{repl_mib} MiB dataset A -> B, verified (vs aws-sdk-s3 streaming copy)"),
+        format!("{rhio_r:.0} MiB/s"),
+        format!("{sdk_r:.0} MiB/s"),
+        format!("{:.2}x", rhio_r / sdk_r),
+    ));
+    let (moved, new_bytes) = runtime.block_on(delta(
+        &clusters,
+        if settings.quick { 64 } else { 256 },
+        if settings.quick { 8 } else { 32 },
+    ));
+    let delta_ratio = moved / new_bytes as f64;
+    rows.push((
+        "replication".into(),
+        format!(
+            "appended version: bytes moved / bytes of new blobs ({:.1} MiB new)",
+            new_bytes as f64 / (1 << 20) as f64
+        ),
+        format!("{delta_ratio:.4}"),
+        "-".into(),
+        "-".into(),
+    ));
+    let cpu_b = median(repl_cpu_b.clone());
+    rows.push((
+        "replication".into(),
+        "CPU of node b per GiB replicated (fetch, verify, upload)".into(),
+        format!("{cpu_b:.2} s"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("replication_cpu_node_b_s_per_gib".into(), json!(cpu_b));
+    let rss_repl = peak_rss_mib(clusters.nodes[1].pid());
+    rows.push((
+        "memory".into(),
+        "peak RSS node b (after replication)".into(),
+        format!("{rss_repl:.0} MiB"),
+        "-".into(),
+        "-".into(),
+    ));
+    results.insert("replication_mib_s".into(), json!(rhio_r));
+    results.insert("replication_rclone_mib_s".into(), json!(rclone_r));
+    results.insert("replication_sdk_mib_s".into(), json!(sdk_r));
+    results.insert("replication_runs".into(), json!(rhio_repl));
+    results.insert("replication_rclone_runs".into(), json!(rclone_repl));
+    results.insert("replication_sdk_runs".into(), json!(sdk_repl));
+    results.insert("delta_ratio".into(), json!(delta_ratio));
+    results.insert("delta_bytes_moved".into(), json!(moved));
+    results.insert("delta_new_bytes".into(), json!(new_bytes));
+    results.insert("rss_node_b_after_replication_mib".into(), json!(rss_repl));
 
     // messages: the bridge runs for the whole scenario, like a deployed bridge would.
     let stop = tokio_util::sync::CancellationToken::new();

@@ -39,6 +39,8 @@ pub const MAX_RANGE: u64 = 32 << 20;
 /// Requests served at once for one peer, and for all peers together.
 const PER_PEER_REQUESTS: usize = 6;
 const TOTAL_REQUESTS: usize = 12;
+/// A range is read from S3 in GETs of this size, in parallel.
+const S3_READ_PIECE: u64 = 2 << 20;
 /// Outboards kept in memory (a 100 MiB blob has a 400 KiB outboard).
 const OUTBOARD_CACHE: usize = 64;
 
@@ -250,11 +252,12 @@ impl BlobServer {
     async fn encode(&self, request: &RangeRequest, at: &BlobLocation) -> Result<Vec<u8>, String> {
         let outboard = self.outboard(&request.hash).await?;
         let (start, end) = request.group_range();
-        let data = self
+        let data: Bytes = self
             .s3
-            .get_range(&at.key, Some((at.offset + start, end - start)))
+            .get_range_parallel(&at.key, at.offset + start, end - start, S3_READ_PIECE)
             .await
-            .map_err(|err| format!("{}: {err}", at.key))?;
+            .map_err(|err| format!("{}: {err}", at.key))?
+            .into();
         if data.len() as u64 != end - start {
             return Err(format!("{} returned {} bytes", at.key, data.len()));
         }

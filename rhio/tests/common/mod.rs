@@ -559,6 +559,9 @@ pub fn s3_client(cluster: &Cluster) -> aws_sdk_s3::Client {
                 ))
                 .build_https(),
         )
+        // Same client settings as the node's (see rhio::s3), so baselines compare like for like.
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
