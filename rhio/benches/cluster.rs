@@ -297,16 +297,82 @@ async fn replicate_rhio(clusters: &Clusters, path: &std::path::Path, dataset: &s
     answer["bytes"].as_u64().unwrap() as f64 / (1 << 20) as f64 / secs
 }
 
+/// Imports `path` into A as dataset `busy` and, once B starts replicating it, measures message
+/// latency at 500 msg/s for `secs` seconds; returns the sorted latencies (ms).
+async fn latency_while_replicating(
+    clusters: &Clusters,
+    path: &std::path::Path,
+    secs: u64,
+) -> Vec<f64> {
+    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
+        .await
+        .unwrap();
+    let answer = client
+        .import(
+            path.to_str().unwrap(),
+            Some("busy"),
+            None,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    let (latencies, _) = tokio::join!(
+        latency(clusters, Path::Rhio, 500, secs, 100),
+        announced(clusters, "busy", 0)
+    );
+    let transfers = common::metric(
+        &clusters.nodes[1],
+        "rhio_replication_versions_total{outcome=\"done\"}",
+    );
+    assert!(transfers >= 1.0, "the busy dataset was replicated");
+    latencies
+}
+
+/// The same latency probe while rclone copies the replicated object A -> B again: what any bulk
+/// copy through these shared cores and disk does to message latency, measured the same way.
+async fn latency_while_rclone(clusters: &Clusters, secs: u64, len: u64) -> Vec<f64> {
+    let (env_a, env_b) = (
+        clusters.env.clusters[0].clone(),
+        clusters.env.clusters[1].clone(),
+    );
+    let copy = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        // Repeat until the probe is over, so the whole window sees a copy running.
+        let mut round = 0;
+        while start.elapsed() < Duration::from_secs(secs) {
+            rclone(
+                &env_a,
+                &env_b,
+                "datasets/busy/v0.parquet",
+                &format!("baseline/busy-{round}.parquet"),
+                len,
+            );
+            round += 1;
+        }
+    });
+    let latencies = latency(clusters, Path::Rhio, 500, secs, 101).await;
+    copy.await.unwrap();
+    latencies
+}
+
 /// `rclone copyto` of A's object to B's S3 (rclone streams through this host). Returns MiB/s.
 fn replicate_rclone(clusters: &Clusters, key: &str, target: &str, len: u64) -> f64 {
+    rclone(
+        &clusters.env.clusters[0],
+        &clusters.env.clusters[1],
+        key,
+        target,
+        len,
+    )
+}
+
+fn rclone(from: &common::Cluster, to: &common::Cluster, key: &str, target: &str, len: u64) -> f64 {
     let mut command = std::process::Command::new("rclone");
     // rclone's AWS SDK cannot use a custom CA bundle with its HTTP transport; the local S3
     // servers speak plain HTTP anyway.
     command.env_remove("AWS_CA_BUNDLE");
-    for (remote, cluster) in [
-        ("A", &clusters.env.clusters[0]),
-        ("B", &clusters.env.clusters[1]),
-    ] {
+    for (remote, cluster) in [("A", from), ("B", to)] {
         for (name, value) in [
             ("TYPE", "s3"),
             ("PROVIDER", "Other"),
@@ -318,7 +384,7 @@ fn replicate_rclone(clusters: &Clusters, key: &str, target: &str, len: u64) -> f
             command.env(format!("RCLONE_CONFIG_{remote}_{name}"), value);
         }
     }
-    let bucket = &clusters.env.clusters[0].s3_bucket;
+    let bucket = &from.s3_bucket;
     let start = Instant::now();
     let output = command
         .args([
@@ -531,7 +597,7 @@ async fn clusters() -> Clusters {
     // B replicates only the datasets of the replication scenario, not the import benchmark's.
     let replicated: Vec<String> = (0..3)
         .map(|round| format!("datasets.repl{round}"))
-        .chain(["datasets.delta".to_string()])
+        .chain(["datasets.delta".to_string(), "datasets.busy".to_string()])
         .collect();
     let replicated: Vec<&str> = replicated.iter().map(String::as_str).collect();
     b.extra = subscribe_toml(&key_a, &["bench.rhio.>"], "RHIO_IN")
@@ -1006,6 +1072,23 @@ fn main() {
     results.insert("rss_node_a_after_import_mib".into(), json!(rss_import));
     let _ = std::fs::remove_file(&import_file);
 
+    // messages while a dataset replicates: one extra replication, not counted in the throughput
+    // medians, with the latency probe running during its transfer.
+    let busy_mib: u64 = if settings.quick { 128 } else { 1024 };
+    let busy_file = clusters.data.join("busy.parquet");
+    common::make_parquet(&[
+        "sized",
+        busy_file.to_str().unwrap(),
+        &busy_mib.to_string(),
+        "8192",
+    ]);
+    let busy_secs = if settings.quick { 3 } else { 8 };
+    let busy_latency =
+        runtime.block_on(latency_while_replicating(&clusters, &busy_file, busy_secs));
+    let busy_len = std::fs::metadata(&busy_file).unwrap().len();
+    let rclone_latency = runtime.block_on(latency_while_rclone(&clusters, busy_secs, busy_len));
+    let _ = std::fs::remove_file(&busy_file);
+
     // replication: a fresh file per round (identical bytes would be found in B and not moved).
     let repl_mib: u64 = if settings.quick { 128 } else { 1024 };
     let (mut rhio_repl, mut rclone_repl, mut sdk_repl) = (Vec::new(), Vec::new(), Vec::new());
@@ -1170,6 +1253,28 @@ fn main() {
         ));
         results.insert(format!("latency_{label}_ms"), json!(r));
         results.insert(format!("bridge_latency_{label}_ms"), json!(b));
+        // The same probe while B replicated a dataset, against the idle figure of this run.
+        let busy = percentile(&busy_latency, q);
+        rows.push((
+            "messages".into(),
+            format!("latency {label} at 500 msg/s during a {busy_mib} MiB replication (vs idle)"),
+            format!("{busy:.2} ms"),
+            format!("{r:.2} ms"),
+            format!("{:.2}x", busy / r),
+        ));
+        results.insert(
+            format!("latency_during_replication_{label}_ms"),
+            json!(busy),
+        );
+        let copying = percentile(&rclone_latency, q);
+        rows.push((
+            "messages".into(),
+            format!("latency {label} at 500 msg/s during rclone copies A -> B (vs idle)"),
+            format!("{copying:.2} ms"),
+            format!("{r:.2} ms"),
+            format!("{:.2}x", copying / r),
+        ));
+        results.insert(format!("latency_during_rclone_{label}_ms"), json!(copying));
     }
     results.insert("messages_per_s".into(), json!(rhio_rate));
     results.insert("bridge_messages_per_s".into(), json!(bridge_rate));

@@ -46,6 +46,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Routing(String),
+    #[error("cannot start the transfer runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -106,6 +108,51 @@ async fn check_streams(
     Ok(())
 }
 
+/// The runtime of bulk transfers (blob serving and replication): one worker thread, and its
+/// threads (workers and blocking pool) run at a lower CPU priority, so that on a busy machine
+/// routing messages, NATS and S3 get the CPU first and a large transfer does not delay them.
+struct TransferRuntime(Option<tokio::runtime::Runtime>);
+
+/// Nice value of transfer threads (0 = normal, 19 = lowest).
+const TRANSFER_NICE: i32 = 10;
+
+impl TransferRuntime {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rhio-transfer")
+            .on_thread_start(|| {
+                // Per-thread on Linux: PRIO_PROCESS with a thread id sets that thread only.
+                #[cfg(target_os = "linux")]
+                // SAFETY: plain syscalls on the calling thread, no memory is shared.
+                unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, TRANSFER_NICE);
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("runtime until drop")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for TransferRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context forbids; this does not.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A running node.
 pub struct Node {
     shutdown: CancellationToken,
@@ -115,6 +162,7 @@ pub struct Node {
     store: Store,
     status: StatusSource,
     http_addr: std::net::SocketAddr,
+    _transfers: TransferRuntime,
 }
 
 impl Node {
@@ -170,6 +218,7 @@ impl Node {
         // lock on its protocol map for the whole life of a handler (a sync session lives long), and
         // registering one later waits for that lock and stops the endpoint from accepting.
         let index = BlobIndex::default();
+        let transfer_runtime = TransferRuntime::new().map_err(StartError::Runtime)?;
         network
             .endpoint()
             .accept(
@@ -184,6 +233,7 @@ impl Node {
                         .map(|node| node.public_key)
                         .collect(),
                     metrics.clone(),
+                    transfer_runtime.handle(),
                 ),
             )
             .await
@@ -250,7 +300,12 @@ impl Node {
             .await
             .map_err(|err| StartError::Routing(format!("blob index: {err}")))?;
         let transfers = replicator.transfers.clone();
-        tasks.spawn(replicator.run(shutdown.clone()));
+        let replication = transfer_runtime
+            .handle()
+            .spawn(replicator.run(shutdown.clone()));
+        tasks.spawn(async move {
+            let _ = replication.await;
+        });
 
         let importer = Arc::new(Importer::new(
             s3.clone(),
@@ -301,6 +356,7 @@ impl Node {
             store,
             status,
             http_addr,
+            _transfers: transfer_runtime,
         })
     }
 

@@ -149,28 +149,23 @@ impl S3Store {
     }
 
     /// Reads `(offset, length)` of an object with several ranged GETs of at most `piece` bytes
-    /// in parallel (one GET stream is slower than the disk behind many S3 servers).
-    pub async fn get_range_parallel(
+    /// in parallel (one GET stream is slower than the disk behind many S3 servers); returns the
+    /// pieces in order.
+    pub async fn get_range_pieces(
         &self,
         key: &str,
         offset: u64,
         length: u64,
         piece: u64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<bytes::Bytes>, String> {
         let pieces: Vec<(u64, u64)> = (0..length.div_ceil(piece.max(1)))
             .map(|i| {
                 let start = i * piece;
                 (offset + start, piece.min(length - start))
             })
             .collect();
-        let parts =
-            futures::future::try_join_all(pieces.into_iter().map(|r| self.get_range(key, Some(r))))
-                .await?;
-        let mut out = Vec::with_capacity(length as usize);
-        for part in parts {
-            out.extend_from_slice(&part);
-        }
-        Ok(out)
+        futures::future::try_join_all(pieces.into_iter().map(|r| self.get_range(key, Some(r))))
+            .await
     }
 
     /// True when `key` exists.

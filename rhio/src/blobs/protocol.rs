@@ -26,7 +26,7 @@ use rhio_core::identity::PublicKey;
 use thiserror::Error;
 use tokio::sync::Semaphore;
 
-use super::{BAO_BLOCK_SIZE, BlobIndex, BlobLocation};
+use super::{BAO_BLOCK_SIZE, BlobIndex};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::s3::S3Store;
 
@@ -157,8 +157,8 @@ pub struct BlobServer {
     outboards: Arc<Mutex<OutboardCache>>,
     per_peer: Arc<Mutex<HashMap<PublicKey, Arc<Semaphore>>>>,
     total: Arc<Semaphore>,
-    /// The node's main runtime. p2panda-net runs protocol handlers inside single-threaded actor
-    /// runtimes; serving (S3 reads, encoding) runs on the multi-threaded main runtime instead.
+    /// Where serving runs (S3 reads, encoding): the node's transfer runtime. p2panda-net runs
+    /// protocol handlers inside single-threaded actor runtimes, which must not carry bulk work.
     runtime: tokio::runtime::Handle,
 }
 
@@ -180,6 +180,7 @@ impl BlobServer {
         index: BlobIndex,
         known: HashSet<PublicKey>,
         metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
             s3,
@@ -189,7 +190,7 @@ impl BlobServer {
             outboards: Default::default(),
             per_peer: Default::default(),
             total: Arc::new(Semaphore::new(TOTAL_REQUESTS)),
-            runtime: tokio::runtime::Handle::current(),
+            runtime,
         }
     }
 
@@ -221,13 +222,12 @@ impl BlobServer {
         Ok(outboard)
     }
 
-    /// Builds the answer to one request: the status and, when Ok, the encoded range.
-    async fn answer(&self, peer: &PublicKey, request: &RangeRequest) -> (Status, Vec<u8>) {
-        let Some(location) = self.index.get(&request.hash) else {
-            return (Status::NotFound, Vec::new());
-        };
+    /// Checks a request and reads what answering it needs: the blob's outboard and the bytes
+    /// of the chunk groups that cover the range. Refusals are the status to answer.
+    async fn prepare(&self, peer: &PublicKey, request: &RangeRequest) -> Result<Prepared, Status> {
+        let location = self.index.get(&request.hash).ok_or(Status::NotFound)?;
         if location.length != request.size {
-            return (Status::BadRequest, Vec::new());
+            return Err(Status::BadRequest);
         }
         let peer_limit = self
             .per_peer
@@ -236,76 +236,167 @@ impl BlobServer {
             .entry(*peer)
             .or_insert_with(|| Arc::new(Semaphore::new(PER_PEER_REQUESTS)))
             .clone();
-        let (Ok(_peer_permit), Ok(_permit)) = (peer_limit.try_acquire(), self.total.try_acquire())
-        else {
-            return (Status::Busy, Vec::new());
+        let (Ok(peer_permit), Ok(permit)) = (
+            peer_limit.try_acquire_owned(),
+            self.total.clone().try_acquire_owned(),
+        ) else {
+            return Err(Status::Busy);
         };
-        match self.encode(request, &location).await {
-            Ok(encoded) => (Status::Ok, encoded),
+        let read = async {
+            let outboard = self.outboard(&request.hash).await?;
+            let (start, end) = request.group_range();
+            let pieces = self
+                .s3
+                .get_range_pieces(
+                    &location.key,
+                    location.offset + start,
+                    end - start,
+                    S3_READ_PIECE,
+                )
+                .await
+                .map_err(|err| format!("{}: {err}", location.key))?;
+            let window = Window::new(start, pieces, request.size);
+            if window.len() != end - start {
+                return Err(format!("{} returned {} bytes", location.key, window.len()));
+            }
+            Ok((outboard, window))
+        };
+        match read.await {
+            Ok((outboard, window)) => Ok(Prepared {
+                request: *request,
+                outboard,
+                window,
+                _permits: (peer_permit, permit),
+            }),
             Err(err) => {
                 tracing::warn!(%peer, hash = %request.hash, %err, "cannot serve a blob range");
-                (Status::Unavailable, Vec::new())
+                Err(Status::Unavailable)
             }
         }
     }
+}
 
-    async fn encode(&self, request: &RangeRequest, at: &BlobLocation) -> Result<Vec<u8>, String> {
-        let outboard = self.outboard(&request.hash).await?;
-        let (start, end) = request.group_range();
-        let data: Bytes = self
-            .s3
-            .get_range_parallel(&at.key, at.offset + start, end - start, S3_READ_PIECE)
-            .await
-            .map_err(|err| format!("{}: {err}", at.key))?
-            .into();
-        if data.len() as u64 != end - start {
-            return Err(format!("{} returned {} bytes", at.key, data.len()));
-        }
-        let request = *request;
-        tokio::task::spawn_blocking(move || {
+/// A request ready to be answered: holds its concurrency permits until the answer is sent.
+struct Prepared {
+    request: RangeRequest,
+    outboard: Arc<Vec<u8>>,
+    window: Window,
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
+/// Encoded bytes are handed from the encoder thread to the stream in chunks of this size.
+const ENCODE_CHUNK: usize = 256 * 1024;
+
+impl Prepared {
+    /// Encodes the range on a blocking thread and streams it to `send` as it is produced:
+    /// memory per answer is the data read plus a few chunks, whatever the range size.
+    async fn send(
+        self,
+        send: &mut iroh::endpoint::SendStream,
+        metrics: &Metrics,
+    ) -> Result<(), String> {
+        let (chunks, mut receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let encoder = tokio::task::spawn_blocking(move || {
             let outboard = PostOrderMemOutboard {
-                root: request.hash,
-                tree: BaoTree::new(request.size, BAO_BLOCK_SIZE),
-                data: outboard.as_slice(),
+                root: self.request.hash,
+                tree: BaoTree::new(self.request.size, BAO_BLOCK_SIZE),
+                data: self.outboard.as_slice(),
             };
-            let window = Window {
-                start,
-                data,
-                size: request.size,
+            let mut writer = ChunkWriter {
+                chunks,
+                buffer: Vec::with_capacity(ENCODE_CHUNK),
             };
-            let mut encoded = Vec::with_capacity((end - start) as usize + 4096);
-            bao_tree::io::sync::encode_ranges(window, outboard, &request.chunks(), &mut encoded)
-                .map_err(|err| format!("encode: {err}"))?;
-            Ok(encoded)
-        })
-        .await
-        .map_err(|err| err.to_string())?
+            bao_tree::io::sync::encode_ranges(
+                &self.window,
+                outboard,
+                &self.request.chunks(),
+                &mut writer,
+            )
+            .map_err(|err| format!("encode: {err}"))?;
+            std::io::Write::flush(&mut writer).map_err(|err| err.to_string())
+        });
+        while let Some(chunk) = receiver.recv().await {
+            // Counted before sending: what a peer that dies mid-answer cost us counts too.
+            metrics.blob_bytes_served.inc_by(chunk.len() as u64);
+            send.write_all(&chunk)
+                .await
+                .map_err(|err| format!("write: {err}"))?;
+        }
+        encoder.await.map_err(|err| err.to_string())?
     }
 }
 
-/// The bytes of a blob that were read, at their place in the blob.
+/// `Write` that hands full chunks to the async side.
+struct ChunkWriter {
+    chunks: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buffer: Vec<u8>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= ENCODE_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(ENCODE_CHUNK));
+        self.chunks
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::other("the stream was closed"))
+    }
+}
+
+/// The bytes of a blob that were read (in pieces, as the GETs returned them), at their place in
+/// the blob.
 struct Window {
     start: u64,
-    data: Bytes,
+    pieces: Vec<Bytes>,
     size: u64,
 }
 
-impl bao_tree::io::sync::ReadAt for Window {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let Some(at) = pos.checked_sub(self.start) else {
-            return Err(std::io::Error::other("read before the fetched range"));
-        };
-        let at = at as usize;
-        if at > self.data.len() {
-            return Ok(0);
+impl Window {
+    fn new(start: u64, pieces: Vec<Bytes>, size: u64) -> Self {
+        Self {
+            start,
+            pieces,
+            size,
         }
-        let n = buf.len().min(self.data.len() - at);
-        buf[..n].copy_from_slice(&self.data[at..at + n]);
-        Ok(n)
+    }
+
+    fn len(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len() as u64).sum()
     }
 }
 
-impl bao_tree::io::sync::Size for Window {
+impl bao_tree::io::sync::ReadAt for &Window {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(mut at) = pos.checked_sub(self.start) else {
+            return Err(std::io::Error::other("read before the fetched range"));
+        };
+        for piece in &self.pieces {
+            let len = piece.len() as u64;
+            if at < len {
+                let at = at as usize;
+                let n = buf.len().min(piece.len() - at);
+                buf[..n].copy_from_slice(&piece[at..at + n]);
+                return Ok(n);
+            }
+            at -= len;
+        }
+        Ok(0)
+    }
+}
+
+impl bao_tree::io::sync::Size for &Window {
     fn size(&self) -> std::io::Result<Option<u64>> {
         Ok(Some(self.size))
     }
@@ -350,33 +441,39 @@ impl BlobServer {
                 if recv.read_exact(&mut bytes).await.is_err() {
                     return;
                 }
-                let (status, body) = match RangeRequest::decode(&bytes) {
-                    Ok(request) => server.answer(&peer, &request).await,
+                let prepared = match RangeRequest::decode(&bytes) {
+                    Ok(request) => server.prepare(&peer, &request).await,
                     Err(err) => {
                         tracing::warn!(%peer, %err, "malformed blob request");
-                        (Status::BadRequest, Vec::new())
+                        Err(Status::BadRequest)
                     }
                 };
-                if status != Status::Ok {
-                    server
-                        .metrics
-                        .blob_requests_refused
-                        .get_or_create(&ReasonLabels {
-                            reason: status.as_str(),
-                        })
-                        .inc();
-                }
-                // Counted before sending: what a peer that dies mid-answer cost us counts too.
-                server.metrics.blob_bytes_served.inc_by(body.len() as u64);
-                let sent = async {
-                    send.write_all(&[status as u8]).await?;
-                    send.write_all(&body).await?;
-                    send.finish()?;
-                    send.stopped().await?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                let result = match prepared {
+                    Ok(prepared) => match send.write_all(&[Status::Ok as u8]).await {
+                        Ok(()) => prepared.send(&mut send, &server.metrics).await,
+                        Err(err) => Err(err.to_string()),
+                    },
+                    Err(status) => {
+                        server
+                            .metrics
+                            .blob_requests_refused
+                            .get_or_create(&ReasonLabels {
+                                reason: status.as_str(),
+                            })
+                            .inc();
+                        send.write_all(&[status as u8])
+                            .await
+                            .map_err(|err| err.to_string())
+                    }
+                };
+                let finished = async {
+                    result?;
+                    send.finish().map_err(|err| err.to_string())?;
+                    send.stopped().await.map_err(|err| err.to_string())?;
+                    Ok::<_, String>(())
                 }
                 .await;
-                if let Err(err) = sent {
+                if let Err(err) = finished {
                     tracing::debug!(%peer, %err, "blob answer not delivered");
                 }
             });
@@ -400,22 +497,25 @@ pub enum FetchError {
     Transport(String),
 }
 
-/// A verified byte range, and how many bytes came over the wire for it.
+/// What fetching a verified range took.
 #[derive(Debug)]
 pub struct FetchedRange {
-    pub bytes: Vec<u8>,
+    /// Bytes that came over the wire (status, parents and chunk groups).
     pub wire_bytes: u64,
     /// The verified parent hash pairs that came with the range (part of the blob's outboard).
     pub parents: Vec<(TreeNode, (blake3::Hash, blake3::Hash))>,
 }
 
-/// Fetches `request` over `connection`, verifying every chunk group as it arrives.
+/// Fetches `request` over `connection` into `out` (exactly the range's length), verifying every
+/// chunk group before copying a byte of it. On error `out` may hold some verified bytes.
 pub async fn fetch_range(
     connection: &Connection,
     request: RangeRequest,
     timeout: Duration,
+    out: &mut [u8],
 ) -> Result<FetchedRange, FetchError> {
-    tokio::time::timeout(timeout, fetch_range_inner(connection, request))
+    assert_eq!(out.len() as u64, request.end - request.start);
+    tokio::time::timeout(timeout, fetch_range_inner(connection, request, out))
         .await
         .map_err(|_| FetchError::Transport(format!("no complete answer within {timeout:?}")))?
 }
@@ -423,6 +523,7 @@ pub async fn fetch_range(
 async fn fetch_range_inner(
     connection: &Connection,
     request: RangeRequest,
+    out: &mut [u8],
 ) -> Result<FetchedRange, FetchError> {
     let transport = |err: &dyn std::fmt::Display| FetchError::Transport(err.to_string());
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transport(&e))?;
@@ -440,7 +541,6 @@ async fn fetch_range_inner(
         Some(other) => return Err(FetchError::Refused(other.as_str())),
         None => return Err(FetchError::Corrupt(format!("status byte {}", status[0]))),
     }
-    let mut out = vec![0u8; (request.end - request.start) as usize];
     let mut filled = 0u64;
     let mut wire_bytes = 1u64;
     let mut parents = Vec::new();
@@ -489,7 +589,6 @@ async fn fetch_range_inner(
         )));
     }
     Ok(FetchedRange {
-        bytes: out,
         wire_bytes,
         parents,
     })
@@ -509,13 +608,14 @@ mod tests {
             data: outboard,
         };
         let (start, end) = request.group_range();
-        let window = Window {
-            start,
-            data: Bytes::copy_from_slice(&data[start as usize..end as usize]),
-            size: data.len() as u64,
-        };
+        // The window is read in uneven pieces, as parallel GETs return it.
+        let pieces = data[start as usize..end as usize]
+            .chunks(100_003)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let window = Window::new(start, pieces, data.len() as u64);
         let mut encoded = Vec::new();
-        bao_tree::io::sync::encode_ranges(window, outboard, &request.chunks(), &mut encoded)
+        bao_tree::io::sync::encode_ranges(&window, outboard, &request.chunks(), &mut encoded)
             .unwrap();
         encoded
     }

@@ -799,9 +799,12 @@ impl Transfer<'_> {
 
     /// Gathers one part's bytes, uploads it and records it.
     async fn part(&self, part: &PartPlan, single: bool) -> Result<DonePart, ReplicationError> {
-        let mut bytes = Vec::with_capacity(part.length as usize);
+        let mut bytes = vec![0u8; part.length as usize];
         let mut wire_bytes = 0;
+        let mut at = 0usize;
         for piece in &part.pieces {
+            let slot = &mut bytes[at..at + piece.len() as usize];
+            at += slot.len();
             match &piece.source {
                 PieceSource::Local(local) => {
                     let data = self
@@ -810,7 +813,7 @@ impl Transfer<'_> {
                         .get_range(&local.key, Some((local.offset + piece.start, piece.len())))
                         .await
                         .map_err(ReplicationError::Storage)?;
-                    if data.len() as u64 != piece.len() {
+                    if data.len() != slot.len() {
                         return Err(ReplicationError::Storage(format!(
                             "{} returned {} of {} bytes",
                             local.key,
@@ -822,16 +825,12 @@ impl Transfer<'_> {
                         .metrics
                         .replication_bytes_local
                         .inc_by(piece.len());
-                    bytes.extend_from_slice(&data);
+                    slot.copy_from_slice(&data);
                 }
                 PieceSource::Remote => {
-                    let before = bytes.len();
-                    let (data, wire) = self
-                        .fetch_counted(piece.blob, piece.start, piece.end, part.number)
+                    wire_bytes += self
+                        .fetch(piece.blob, piece.start, piece.end, part.number, slot)
                         .await?;
-                    wire_bytes += wire;
-                    bytes.extend_from_slice(&data);
-                    debug_assert_eq!(bytes.len() - before, piece.len() as usize);
                 }
             }
         }
@@ -872,15 +871,17 @@ impl Transfer<'_> {
         Ok(done)
     }
 
-    /// Fetches a verified range of a blob from whichever peer can serve it; peers are tried in
-    /// an order rotated by `rotation`, so parts spread over peers.
-    async fn fetch_counted(
+    /// Fetches a verified range of a blob into `out` from whichever peer can serve it; peers are
+    /// tried in an order rotated by `rotation`, so parts spread over peers. Returns the bytes
+    /// that came over the wire.
+    async fn fetch(
         &self,
         blob: usize,
         start: u64,
         end: u64,
         rotation: u32,
-    ) -> Result<(Vec<u8>, u64), ReplicationError> {
+        out: &mut [u8],
+    ) -> Result<u64, ReplicationError> {
         let entry = &self.manifest.blobs[blob];
         let hash = blake3::Hash::from_hex(&entry.hash)
             .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
@@ -916,7 +917,7 @@ impl Transfer<'_> {
                         continue;
                     }
                 };
-                match fetch_range(&connection, request, timeout).await {
+                match fetch_range(&connection, request, timeout, out).await {
                     Ok(fetched) => {
                         let metrics = &self.replicator.metrics;
                         metrics.replication_bytes_fetched.inc_by(fetched.wire_bytes);
@@ -932,7 +933,7 @@ impl Transfer<'_> {
                                 status.peers.push(peer);
                             }
                         });
-                        return Ok((fetched.bytes, fetched.wire_bytes));
+                        return Ok(fetched.wire_bytes);
                     }
                     Err(FetchError::Corrupt(detail)) => {
                         self.replicator.metrics.replication_corrupt_ranges.inc();
