@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 
 struct Settings {
     quick: bool,
+    /// `--only <scenario>` (import, replication, messages): run just that one (and the limits).
+    only: Option<String>,
     runs: usize,
     burst: usize,
     latency_secs: u64,
@@ -40,12 +42,23 @@ fn settings() -> Settings {
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1).cloned());
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     Settings {
         quick,
+        only,
         runs: if quick { 1 } else { 3 },
         burst: if quick { 5_000 } else { 20_000 },
         latency_secs: if quick { 5 } else { 20 },
         json,
+    }
+}
+
+impl Settings {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == scenario)
     }
 }
 
@@ -1024,285 +1037,299 @@ fn main() {
     results.insert("s3_put_mib_s".into(), json!(put));
     results.insert("s3_get_mib_s".into(), json!(get));
 
-    // import: interleaved with the baseline upload of the same file.
-    let import_mib = if settings.quick { 128 } else { 1024 };
-    let import_file = clusters.data.join("bench.parquet");
-    common::make_parquet(&[
-        "sized",
-        import_file.to_str().unwrap(),
-        &import_mib.to_string(),
-        // ~64 MiB row groups
-        "65536",
-    ]);
-    let mut rhio_imports = Vec::new();
-    let mut baseline_imports = Vec::new();
-    for round in 0..settings.runs {
-        rhio_imports.push(runtime.block_on(import_rhio(
-            &clusters,
-            &import_file,
-            &format!("bench_{round}"),
-        )));
-        baseline_imports.push(runtime.block_on(import_baseline(
-            &clusters,
-            &import_file,
-            &format!("bench/baseline-{round}.parquet"),
-        )));
-    }
-    let rhio_import = median(rhio_imports.clone());
-    let baseline_import = median(baseline_imports.clone());
-    rows.push((
-        "import".into(),
-        format!("{import_mib} MiB Parquet -> S3 (8 MiB parts, 4 in flight)"),
-        format!("{rhio_import:.0} MiB/s"),
-        format!("{baseline_import:.0} MiB/s"),
-        format!("{:.2}x", rhio_import / baseline_import),
-    ));
-    let rss_import = peak_rss_mib(clusters.nodes[0].pid());
-    rows.push((
-        "memory".into(),
-        "peak RSS node a (after import)".into(),
-        format!("{rss_import:.0} MiB"),
-        "-".into(),
-        "-".into(),
-    ));
-    results.insert("import_mib_s".into(), json!(rhio_import));
-    results.insert("import_baseline_mib_s".into(), json!(baseline_import));
-    results.insert("import_runs".into(), json!(rhio_imports));
-    results.insert("import_baseline_runs".into(), json!(baseline_imports));
-    results.insert("rss_node_a_after_import_mib".into(), json!(rss_import));
-    let _ = std::fs::remove_file(&import_file);
-
-    // messages while a dataset replicates: one extra replication, not counted in the throughput
-    // medians, with the latency probe running during its transfer.
-    let busy_mib: u64 = if settings.quick { 128 } else { 1024 };
-    let busy_file = clusters.data.join("busy.parquet");
-    common::make_parquet(&[
-        "sized",
-        busy_file.to_str().unwrap(),
-        &busy_mib.to_string(),
-        "8192",
-    ]);
-    let busy_secs = if settings.quick { 3 } else { 8 };
-    let busy_latency =
-        runtime.block_on(latency_while_replicating(&clusters, &busy_file, busy_secs));
-    let busy_len = std::fs::metadata(&busy_file).unwrap().len();
-    let rclone_latency = runtime.block_on(latency_while_rclone(&clusters, busy_secs, busy_len));
-    let _ = std::fs::remove_file(&busy_file);
-
-    // replication: a fresh file per round (identical bytes would be found in B and not moved).
-    let repl_mib: u64 = if settings.quick { 128 } else { 1024 };
-    let (mut rhio_repl, mut rclone_repl, mut sdk_repl) = (Vec::new(), Vec::new(), Vec::new());
-    let mut repl_cpu_b = Vec::new();
-    for round in 0..settings.runs {
-        let file = clusters.data.join(format!("repl{round}.parquet"));
+    if settings.wants("import") {
+        // import: interleaved with the baseline upload of the same file.
+        let import_mib = if settings.quick { 128 } else { 1024 };
+        let import_file = clusters.data.join("bench.parquet");
         common::make_parquet(&[
             "sized",
-            file.to_str().unwrap(),
-            &repl_mib.to_string(),
-            "8192",
+            import_file.to_str().unwrap(),
+            &import_mib.to_string(),
+            // ~64 MiB row groups
+            "65536",
         ]);
-        let len = std::fs::metadata(&file).unwrap().len();
-        let dataset = format!("repl{round}");
-        let before: Vec<f64> = clusters
-            .nodes
-            .iter()
-            .map(|n| cpu_seconds(n.pid()))
-            .collect();
-        rhio_repl.push(runtime.block_on(replicate_rhio(&clusters, &file, &dataset)));
-        // CPU of both nodes during import + replication, minus what the import alone costs is
-        // not separable here; B's share is replication only.
-        repl_cpu_b.push(
-            (cpu_seconds(clusters.nodes[1].pid()) - before[1]) / (len as f64 / (1u64 << 30) as f64),
-        );
-        let key = format!("datasets/{dataset}/v0.parquet");
-        rclone_repl.push(replicate_rclone(
-            &clusters,
-            &key,
-            &format!("baseline/rclone-{round}.parquet"),
-            len,
-        ));
-        sdk_repl.push(runtime.block_on(replicate_sdk(
-            &clusters,
-            &key,
-            &format!("baseline/sdk-{round}.parquet"),
-        )));
-        let _ = std::fs::remove_file(&file);
-    }
-    let (rhio_r, rclone_r, sdk_r) = (
-        median(rhio_repl.clone()),
-        median(rclone_repl.clone()),
-        median(sdk_repl.clone()),
-    );
-    rows.push((
-        "replication".into(),
-        format!("{repl_mib} MiB dataset A -> B, verified (vs rclone copyto)"),
-        format!("{rhio_r:.0} MiB/s"),
-        format!("{rclone_r:.0} MiB/s"),
-        format!("{:.2}x", rhio_r / rclone_r),
-    ));
-    rows.push((
-        "replication".into(),
-        format!("{repl_mib} MiB dataset A -> B, verified (vs aws-sdk-s3 streaming copy)"),
-        format!("{rhio_r:.0} MiB/s"),
-        format!("{sdk_r:.0} MiB/s"),
-        format!("{:.2}x", rhio_r / sdk_r),
-    ));
-    let (moved, new_bytes) = runtime.block_on(delta(
-        &clusters,
-        if settings.quick { 64 } else { 256 },
-        if settings.quick { 8 } else { 32 },
-    ));
-    let delta_ratio = moved / new_bytes as f64;
-    rows.push((
-        "replication".into(),
-        format!(
-            "appended version: bytes moved / bytes of new blobs ({:.1} MiB new)",
-            new_bytes as f64 / (1 << 20) as f64
-        ),
-        format!("{delta_ratio:.4}"),
-        "-".into(),
-        "-".into(),
-    ));
-    let cpu_b = median(repl_cpu_b.clone());
-    rows.push((
-        "replication".into(),
-        "CPU of node b per GiB replicated (fetch, verify, upload)".into(),
-        format!("{cpu_b:.2} s"),
-        "-".into(),
-        "-".into(),
-    ));
-    results.insert("replication_cpu_node_b_s_per_gib".into(), json!(cpu_b));
-    let rss_repl = peak_rss_mib(clusters.nodes[1].pid());
-    rows.push((
-        "memory".into(),
-        "peak RSS node b (after replication)".into(),
-        format!("{rss_repl:.0} MiB"),
-        "-".into(),
-        "-".into(),
-    ));
-    results.insert("replication_mib_s".into(), json!(rhio_r));
-    results.insert("replication_rclone_mib_s".into(), json!(rclone_r));
-    results.insert("replication_sdk_mib_s".into(), json!(sdk_r));
-    results.insert("replication_runs".into(), json!(rhio_repl));
-    results.insert("replication_rclone_runs".into(), json!(rclone_repl));
-    results.insert("replication_sdk_runs".into(), json!(sdk_repl));
-    results.insert("delta_ratio".into(), json!(delta_ratio));
-    results.insert("delta_bytes_moved".into(), json!(moved));
-    results.insert("delta_new_bytes".into(), json!(new_bytes));
-    results.insert("rss_node_b_after_replication_mib".into(), json!(rss_repl));
-
-    // messages: the bridge runs for the whole scenario, like a deployed bridge would.
-    let stop = tokio_util::sync::CancellationToken::new();
-    runtime.spawn(bridge(
-        clusters.env.clusters[0].nats_url.clone(),
-        clusters.env.clusters[1].nats_url.clone(),
-        stop.clone(),
-    ));
-    let mut rhio_rates = Vec::new();
-    let mut bridge_rates = Vec::new();
-    let mut rhio_lat: Vec<Vec<f64>> = Vec::new();
-    let mut bridge_lat: Vec<Vec<f64>> = Vec::new();
-    let mut cpu_per_1000 = [Vec::new(), Vec::new()];
-    for round in 0..settings.runs {
-        let before: Vec<f64> = clusters
-            .nodes
-            .iter()
-            .map(|n| cpu_seconds(n.pid()))
-            .collect();
-        rhio_rates.push(runtime.block_on(burst(&clusters, Path::Rhio, settings.burst, round)));
-        for (i, node) in clusters.nodes.iter().enumerate() {
-            let used = cpu_seconds(node.pid()) - before[i];
-            cpu_per_1000[i].push(used * 1000.0 / settings.burst as f64 * 1000.0);
+        let mut rhio_imports = Vec::new();
+        let mut baseline_imports = Vec::new();
+        for round in 0..settings.runs {
+            rhio_imports.push(runtime.block_on(import_rhio(
+                &clusters,
+                &import_file,
+                &format!("bench_{round}"),
+            )));
+            baseline_imports.push(runtime.block_on(import_baseline(
+                &clusters,
+                &import_file,
+                &format!("bench/baseline-{round}.parquet"),
+            )));
         }
-        bridge_rates.push(runtime.block_on(burst(&clusters, Path::Bridge, settings.burst, round)));
-        rhio_lat.push(runtime.block_on(latency(
-            &clusters,
-            Path::Rhio,
-            500,
-            settings.latency_secs,
-            round,
-        )));
-        bridge_lat.push(runtime.block_on(latency(
-            &clusters,
-            Path::Bridge,
-            500,
-            settings.latency_secs,
-            round,
-        )));
-    }
-    stop.cancel();
-    let rhio_rate = median(rhio_rates.clone());
-    let bridge_rate = median(bridge_rates.clone());
-    rows.push((
-        "messages".into(),
-        format!("sustained 1 KiB, {} msgs, zero loss", settings.burst),
-        format!("{rhio_rate:.0} msg/s"),
-        format!("{bridge_rate:.0} msg/s"),
-        format!("{:.2}x", rhio_rate / bridge_rate),
-    ));
-    let p = |runs: &[Vec<f64>], q: f64| median(runs.iter().map(|r| percentile(r, q)).collect());
-    for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
-        let r = p(&rhio_lat, q);
-        let b = p(&bridge_lat, q);
+        let rhio_import = median(rhio_imports.clone());
+        let baseline_import = median(baseline_imports.clone());
         rows.push((
-            "messages".into(),
-            format!("latency {label} at 500 msg/s"),
-            format!("{r:.2} ms"),
-            format!("{b:.2} ms"),
-            format!("{:.2}x", r / b),
+            "import".into(),
+            format!("{import_mib} MiB Parquet -> S3 (8 MiB parts, 4 in flight)"),
+            format!("{rhio_import:.0} MiB/s"),
+            format!("{baseline_import:.0} MiB/s"),
+            format!("{:.2}x", rhio_import / baseline_import),
         ));
-        results.insert(format!("latency_{label}_ms"), json!(r));
-        results.insert(format!("bridge_latency_{label}_ms"), json!(b));
-        // The same probe while B replicated a dataset, against the idle figure of this run.
-        let busy = percentile(&busy_latency, q);
-        rows.push((
-            "messages".into(),
-            format!("latency {label} at 500 msg/s during a {busy_mib} MiB replication (vs idle)"),
-            format!("{busy:.2} ms"),
-            format!("{r:.2} ms"),
-            format!("{:.2}x", busy / r),
-        ));
-        results.insert(
-            format!("latency_during_replication_{label}_ms"),
-            json!(busy),
-        );
-        let copying = percentile(&rclone_latency, q);
-        rows.push((
-            "messages".into(),
-            format!("latency {label} at 500 msg/s during rclone copies A -> B (vs idle)"),
-            format!("{copying:.2} ms"),
-            format!("{r:.2} ms"),
-            format!("{:.2}x", copying / r),
-        ));
-        results.insert(format!("latency_during_rclone_{label}_ms"), json!(copying));
-    }
-    results.insert("messages_per_s".into(), json!(rhio_rate));
-    results.insert("bridge_messages_per_s".into(), json!(bridge_rate));
-    results.insert("messages_runs".into(), json!(rhio_rates));
-    results.insert("bridge_runs".into(), json!(bridge_rates));
-    for (i, name) in ["a", "b"].into_iter().enumerate() {
-        let cpu = median(cpu_per_1000[i].clone());
-        rows.push((
-            "messages".into(),
-            format!("CPU of node {name} per 1,000 routed messages"),
-            format!("{cpu:.0} ms"),
-            "-".into(),
-            "-".into(),
-        ));
-        results.insert(format!("cpu_node_{name}_ms_per_1000"), json!(cpu));
-    }
-    for (node, name) in clusters.nodes.iter().zip(["a", "b"]) {
-        let rss = peak_rss_mib(node.pid());
+        let rss_import = peak_rss_mib(clusters.nodes[0].pid());
         rows.push((
             "memory".into(),
-            format!("peak RSS node {name} (messages)"),
-            format!("{rss:.0} MiB"),
+            "peak RSS node a (after import)".into(),
+            format!("{rss_import:.0} MiB"),
             "-".into(),
             "-".into(),
         ));
-        results.insert(format!("rss_node_{name}_mib"), json!(rss));
+        results.insert("import_mib_s".into(), json!(rhio_import));
+        results.insert("import_baseline_mib_s".into(), json!(baseline_import));
+        results.insert("import_runs".into(), json!(rhio_imports));
+        results.insert("import_baseline_runs".into(), json!(baseline_imports));
+        results.insert("rss_node_a_after_import_mib".into(), json!(rss_import));
+        let _ = std::fs::remove_file(&import_file);
     }
+    let busy = settings.wants("messages").then(|| {
+        // messages while a dataset replicates: one extra replication, not counted in the throughput
+        // medians, with the latency probe running during its transfer.
+        let busy_mib: u64 = if settings.quick { 128 } else { 1024 };
+        let busy_file = clusters.data.join("busy.parquet");
+        common::make_parquet(&[
+            "sized",
+            busy_file.to_str().unwrap(),
+            &busy_mib.to_string(),
+            "8192",
+        ]);
+        let busy_secs = if settings.quick { 3 } else { 8 };
+        let busy_latency =
+            runtime.block_on(latency_while_replicating(&clusters, &busy_file, busy_secs));
+        let busy_len = std::fs::metadata(&busy_file).unwrap().len();
+        let rclone_latency = runtime.block_on(latency_while_rclone(&clusters, busy_secs, busy_len));
+        let _ = std::fs::remove_file(&busy_file);
 
+        (busy_mib, busy_latency, rclone_latency)
+    });
+    if settings.wants("replication") {
+        // replication: a fresh file per round (identical bytes would be found in B and not moved).
+        let repl_mib: u64 = if settings.quick { 128 } else { 1024 };
+        let (mut rhio_repl, mut rclone_repl, mut sdk_repl) = (Vec::new(), Vec::new(), Vec::new());
+        let mut repl_cpu_b = Vec::new();
+        for round in 0..settings.runs {
+            let file = clusters.data.join(format!("repl{round}.parquet"));
+            common::make_parquet(&[
+                "sized",
+                file.to_str().unwrap(),
+                &repl_mib.to_string(),
+                "8192",
+            ]);
+            let len = std::fs::metadata(&file).unwrap().len();
+            let dataset = format!("repl{round}");
+            let before: Vec<f64> = clusters
+                .nodes
+                .iter()
+                .map(|n| cpu_seconds(n.pid()))
+                .collect();
+            rhio_repl.push(runtime.block_on(replicate_rhio(&clusters, &file, &dataset)));
+            // CPU of both nodes during import + replication, minus what the import alone costs is
+            // not separable here; B's share is replication only.
+            repl_cpu_b.push(
+                (cpu_seconds(clusters.nodes[1].pid()) - before[1])
+                    / (len as f64 / (1u64 << 30) as f64),
+            );
+            let key = format!("datasets/{dataset}/v0.parquet");
+            rclone_repl.push(replicate_rclone(
+                &clusters,
+                &key,
+                &format!("baseline/rclone-{round}.parquet"),
+                len,
+            ));
+            sdk_repl.push(runtime.block_on(replicate_sdk(
+                &clusters,
+                &key,
+                &format!("baseline/sdk-{round}.parquet"),
+            )));
+            let _ = std::fs::remove_file(&file);
+        }
+        let (rhio_r, rclone_r, sdk_r) = (
+            median(rhio_repl.clone()),
+            median(rclone_repl.clone()),
+            median(sdk_repl.clone()),
+        );
+        rows.push((
+            "replication".into(),
+            format!("{repl_mib} MiB dataset A -> B, verified (vs rclone copyto)"),
+            format!("{rhio_r:.0} MiB/s"),
+            format!("{rclone_r:.0} MiB/s"),
+            format!("{:.2}x", rhio_r / rclone_r),
+        ));
+        rows.push((
+            "replication".into(),
+            format!("{repl_mib} MiB dataset A -> B, verified (vs aws-sdk-s3 streaming copy)"),
+            format!("{rhio_r:.0} MiB/s"),
+            format!("{sdk_r:.0} MiB/s"),
+            format!("{:.2}x", rhio_r / sdk_r),
+        ));
+        let (moved, new_bytes) = runtime.block_on(delta(
+            &clusters,
+            if settings.quick { 64 } else { 256 },
+            if settings.quick { 8 } else { 32 },
+        ));
+        let delta_ratio = moved / new_bytes as f64;
+        rows.push((
+            "replication".into(),
+            format!(
+                "appended version: bytes moved / bytes of new blobs ({:.1} MiB new)",
+                new_bytes as f64 / (1 << 20) as f64
+            ),
+            format!("{delta_ratio:.4}"),
+            "-".into(),
+            "-".into(),
+        ));
+        let cpu_b = median(repl_cpu_b.clone());
+        rows.push((
+            "replication".into(),
+            "CPU of node b per GiB replicated (fetch, verify, upload)".into(),
+            format!("{cpu_b:.2} s"),
+            "-".into(),
+            "-".into(),
+        ));
+        results.insert("replication_cpu_node_b_s_per_gib".into(), json!(cpu_b));
+        let rss_repl = peak_rss_mib(clusters.nodes[1].pid());
+        rows.push((
+            "memory".into(),
+            "peak RSS node b (after replication)".into(),
+            format!("{rss_repl:.0} MiB"),
+            "-".into(),
+            "-".into(),
+        ));
+        results.insert("replication_mib_s".into(), json!(rhio_r));
+        results.insert("replication_rclone_mib_s".into(), json!(rclone_r));
+        results.insert("replication_sdk_mib_s".into(), json!(sdk_r));
+        results.insert("replication_runs".into(), json!(rhio_repl));
+        results.insert("replication_rclone_runs".into(), json!(rclone_repl));
+        results.insert("replication_sdk_runs".into(), json!(sdk_repl));
+        results.insert("delta_ratio".into(), json!(delta_ratio));
+        results.insert("delta_bytes_moved".into(), json!(moved));
+        results.insert("delta_new_bytes".into(), json!(new_bytes));
+        results.insert("rss_node_b_after_replication_mib".into(), json!(rss_repl));
+    }
+    if let Some((busy_mib, busy_latency, rclone_latency)) = busy {
+        // messages: the bridge runs for the whole scenario, like a deployed bridge would.
+        let stop = tokio_util::sync::CancellationToken::new();
+        runtime.spawn(bridge(
+            clusters.env.clusters[0].nats_url.clone(),
+            clusters.env.clusters[1].nats_url.clone(),
+            stop.clone(),
+        ));
+        let mut rhio_rates = Vec::new();
+        let mut bridge_rates = Vec::new();
+        let mut rhio_lat: Vec<Vec<f64>> = Vec::new();
+        let mut bridge_lat: Vec<Vec<f64>> = Vec::new();
+        let mut cpu_per_1000 = [Vec::new(), Vec::new()];
+        for round in 0..settings.runs {
+            let before: Vec<f64> = clusters
+                .nodes
+                .iter()
+                .map(|n| cpu_seconds(n.pid()))
+                .collect();
+            rhio_rates.push(runtime.block_on(burst(&clusters, Path::Rhio, settings.burst, round)));
+            for (i, node) in clusters.nodes.iter().enumerate() {
+                let used = cpu_seconds(node.pid()) - before[i];
+                cpu_per_1000[i].push(used * 1000.0 / settings.burst as f64 * 1000.0);
+            }
+            bridge_rates.push(runtime.block_on(burst(
+                &clusters,
+                Path::Bridge,
+                settings.burst,
+                round,
+            )));
+            rhio_lat.push(runtime.block_on(latency(
+                &clusters,
+                Path::Rhio,
+                500,
+                settings.latency_secs,
+                round,
+            )));
+            bridge_lat.push(runtime.block_on(latency(
+                &clusters,
+                Path::Bridge,
+                500,
+                settings.latency_secs,
+                round,
+            )));
+        }
+        stop.cancel();
+        let rhio_rate = median(rhio_rates.clone());
+        let bridge_rate = median(bridge_rates.clone());
+        rows.push((
+            "messages".into(),
+            format!("sustained 1 KiB, {} msgs, zero loss", settings.burst),
+            format!("{rhio_rate:.0} msg/s"),
+            format!("{bridge_rate:.0} msg/s"),
+            format!("{:.2}x", rhio_rate / bridge_rate),
+        ));
+        let p = |runs: &[Vec<f64>], q: f64| median(runs.iter().map(|r| percentile(r, q)).collect());
+        for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
+            let r = p(&rhio_lat, q);
+            let b = p(&bridge_lat, q);
+            rows.push((
+                "messages".into(),
+                format!("latency {label} at 500 msg/s"),
+                format!("{r:.2} ms"),
+                format!("{b:.2} ms"),
+                format!("{:.2}x", r / b),
+            ));
+            results.insert(format!("latency_{label}_ms"), json!(r));
+            results.insert(format!("bridge_latency_{label}_ms"), json!(b));
+            // The same probe while B replicated a dataset, against the idle figure of this run.
+            let busy = percentile(&busy_latency, q);
+            rows.push((
+                "messages".into(),
+                format!(
+                    "latency {label} at 500 msg/s during a {busy_mib} MiB replication (vs idle)"
+                ),
+                format!("{busy:.2} ms"),
+                format!("{r:.2} ms"),
+                format!("{:.2}x", busy / r),
+            ));
+            results.insert(
+                format!("latency_during_replication_{label}_ms"),
+                json!(busy),
+            );
+            let copying = percentile(&rclone_latency, q);
+            rows.push((
+                "messages".into(),
+                format!("latency {label} at 500 msg/s during rclone copies A -> B (vs idle)"),
+                format!("{copying:.2} ms"),
+                format!("{r:.2} ms"),
+                format!("{:.2}x", copying / r),
+            ));
+            results.insert(format!("latency_during_rclone_{label}_ms"), json!(copying));
+        }
+        results.insert("messages_per_s".into(), json!(rhio_rate));
+        results.insert("bridge_messages_per_s".into(), json!(bridge_rate));
+        results.insert("messages_runs".into(), json!(rhio_rates));
+        results.insert("bridge_runs".into(), json!(bridge_rates));
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            let cpu = median(cpu_per_1000[i].clone());
+            rows.push((
+                "messages".into(),
+                format!("CPU of node {name} per 1,000 routed messages"),
+                format!("{cpu:.0} ms"),
+                "-".into(),
+                "-".into(),
+            ));
+            results.insert(format!("cpu_node_{name}_ms_per_1000"), json!(cpu));
+        }
+        for (node, name) in clusters.nodes.iter().zip(["a", "b"]) {
+            let rss = peak_rss_mib(node.pid());
+            rows.push((
+                "memory".into(),
+                format!("peak RSS node {name} (messages)"),
+                format!("{rss:.0} MiB"),
+                "-".into(),
+                "-".into(),
+            ));
+            results.insert(format!("rss_node_{name}_mib"), json!(rss));
+        }
+    }
     println!();
     println!("| scenario | measure | rhio | baseline | ratio |");
     println!("|---|---|---|---|---|");
