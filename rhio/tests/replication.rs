@@ -238,6 +238,49 @@ fn a_dataset_replicates_byte_identical_and_a_new_version_moves_only_its_new_row_
 }
 
 #[test]
+fn rotten_local_row_groups_are_not_used_and_the_version_comes_from_peers() {
+    let env = LocalEnv::up(2);
+    let dirs = dirs();
+    let (v1, v2) = (dirs.root.join("v1.parquet"), dirs.root.join("v2.parquet"));
+    make_parquet(&[
+        "appended",
+        v1.to_str().unwrap(),
+        v2.to_str().unwrap(),
+        "24",
+        "8",
+        "2000",
+    ]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b]);
+    know(&mut b, &[&a]);
+    b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS");
+    let node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &v1, "rot");
+    let got = announcements(&env.clusters[1], 1);
+    // B's copy of v0 rots on disk; v1 shares its row groups.
+    let path = env.s3_object_path(1, &key_of(got[0].0["location"].as_str().unwrap()));
+    let mut bytes = std::fs::read(&path).unwrap();
+    for at in (500..bytes.len()).step_by(1 << 20) {
+        bytes[at] ^= 0x01;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    import(&env.clusters[0], &v2, "rot");
+    let got = announcements(&env.clusters[1], 2);
+    assert_eq!(got[1].0["version"], 1);
+    assert_copy(&env.clusters[1], &got[1].0, &v2);
+    assert!(
+        node_b.log().contains("whole-file hash mismatch"),
+        "the first attempt used the rotten local blobs and noticed"
+    );
+}
+
+#[test]
 fn a_third_cluster_gets_the_dataset_from_a_replica_while_the_author_is_down() {
     let env = LocalEnv::up(3);
     let dirs = dirs();

@@ -373,6 +373,8 @@ impl Replicator {
     ) {
         let log = LogId::Dataset(dataset.clone());
         let mut retry = MIN_RETRY;
+        // Set after a whole-file hash mismatch: the next attempt fetches every blob from peers.
+        let mut remote_only: Option<u64> = None;
         loop {
             let next = match self.next_operation(&author, &dataset, &log).await {
                 Ok(next) => next,
@@ -393,11 +395,34 @@ impl Replicator {
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    result = self.replicate(&op) => result,
+                    result = self.replicate(&op, remote_only == Some(op.seq())) => result,
                 }
             };
             match result {
                 Ok(()) => retry = MIN_RETRY,
+                Err(err @ ReplicationError::FileHash { .. }) if remote_only != Some(op.seq()) => {
+                    // Every fetched range verified, so a blob read from this cluster's S3 is
+                    // damaged (or the manifest is wrong): try once more with peers only.
+                    tracing::warn!(%author, dataset, version = op.seq(), %err, "whole-file hash mismatch; fetching every blob from peers");
+                    remote_only = Some(op.seq());
+                }
+                Err(err @ ReplicationError::FileHash { .. }) => {
+                    // Verified bytes from peers do not make the signed file: the manifest is
+                    // wrong. Skip the version so later ones are not held back forever.
+                    self.metrics
+                        .replication_versions
+                        .get_or_create(&OutcomeLabels { outcome: "failed" })
+                        .inc();
+                    tracing::error!(%author, dataset, version = op.seq(), %err, "version cannot be replicated: its blobs do not make the file its manifest signs; skipped");
+                    let id = VersionId {
+                        author,
+                        dataset: dataset.clone(),
+                        version: op.seq(),
+                    };
+                    if let Err(err) = self.state.fail(&id, &err.to_string()).await {
+                        tracing::warn!(%err, "cannot record the failed version");
+                    }
+                }
                 Err(err) => {
                     self.metrics
                         .replication_versions
@@ -433,8 +458,13 @@ impl Replicator {
         Ok(ops.into_iter().next().filter(|op| op.seq() == next))
     }
 
-    /// Replicates one version (resuming its transfer when one was started).
-    async fn replicate(&self, op: &SignedOperation) -> Result<(), ReplicationError> {
+    /// Replicates one version (resuming its transfer when one was started). With `remote_only`
+    /// no blob is read from this cluster's S3.
+    async fn replicate(
+        &self,
+        op: &SignedOperation,
+        remote_only: bool,
+    ) -> Result<(), ReplicationError> {
         let manifest = DatasetManifest::decode(&op.body)
             .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
         let id = VersionId {
@@ -446,6 +476,9 @@ impl Replicator {
         let part_size = self.config.part_size_mib << 20;
         let index = self.index.clone();
         let plan = rhio_core::replication::plan(&manifest, part_size, |hash| {
+            if remote_only {
+                return None;
+            }
             let location = index.get(&blake3::Hash::from_hex(hash).ok()?)?;
             Some(LocalBlob {
                 key: location.key,
@@ -789,10 +822,9 @@ impl Transfer<'_> {
             .await
             .map_err(|err| ReplicationError::Internal(err.to_string()))?;
         if root != hash {
-            return Err(ReplicationError::FileHash {
-                expected: hash.to_hex().to_string(),
-                actual: root.to_hex().to_string(),
-            });
+            return Err(ReplicationError::Internal(format!(
+                "blob {hash} in the completed object hashes to {root}"
+            )));
         }
         Ok(outboard)
     }

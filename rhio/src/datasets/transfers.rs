@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS available (
     author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL,
     PRIMARY KEY (author, dataset, version)
 );
+CREATE TABLE IF NOT EXISTS failed (
+    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (author, dataset, version)
+);
 ";
 
 /// One replicated version: (author, dataset, version).
@@ -166,11 +170,25 @@ impl TransferState {
         self.drop_transfer(id).await
     }
 
-    /// Number of versions of a dataset log available here (versions complete in order, so this
-    /// is the next version to replicate).
+    /// Records a version that cannot be replicated (and forgets its transfer).
+    pub async fn fail(&self, id: &VersionId, reason: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)")
+            .bind(id.author.to_string())
+            .bind(&id.dataset)
+            .bind(id.version as i64)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        self.drop_transfer(id).await
+    }
+
+    /// The next version of a dataset log to replicate: versions are done in order, each either
+    /// available here or recorded as failed.
     pub async fn next_version(&self, author: &PublicKey, dataset: &str) -> Result<u64> {
         let row = sqlx::query(
-            "SELECT COALESCE(MAX(version) + 1, 0) FROM available WHERE author = ? AND dataset = ?",
+            "SELECT COALESCE(MAX(version) + 1, 0) FROM (
+                 SELECT version FROM available WHERE author = ?1 AND dataset = ?2
+                 UNION ALL SELECT version FROM failed WHERE author = ?1 AND dataset = ?2)",
         )
         .bind(author.to_string())
         .bind(dataset)
@@ -198,5 +216,52 @@ impl TransferState {
                 ))
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhio_core::identity::PrivateKey;
+
+    #[tokio::test]
+    async fn versions_advance_in_order_through_available_and_failed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TransferState::open(&dir.path().join("r.sqlite"))
+            .await
+            .unwrap();
+        let author = PrivateKey::generate().public_key();
+        let id = |version| VersionId {
+            author,
+            dataset: "d".into(),
+            version,
+        };
+        assert_eq!(state.next_version(&author, "d").await.unwrap(), 0);
+        state.start_transfer(&id(0), "k0", "u0").await.unwrap();
+        let part = DonePart {
+            number: 1,
+            etag: "e".into(),
+            hash: [7; 32],
+            wire_bytes: 10,
+        };
+        state.record_part(&id(0), &part).await.unwrap();
+        // A reopened state (a restarted node) still has the transfer and its parts.
+        drop(state);
+        let state = TransferState::open(&dir.path().join("r.sqlite"))
+            .await
+            .unwrap();
+        assert_eq!(
+            state.transfer(&id(0)).await.unwrap(),
+            Some(("k0".into(), "u0".into()))
+        );
+        assert_eq!(state.parts(&id(0)).await.unwrap(), vec![part]);
+        state.finish(&id(0), "k0").await.unwrap();
+        assert_eq!(state.transfer(&id(0)).await.unwrap(), None);
+        assert!(state.parts(&id(0)).await.unwrap().is_empty());
+        assert_eq!(state.next_version(&author, "d").await.unwrap(), 1);
+        state.fail(&id(1), "bad manifest").await.unwrap();
+        assert_eq!(state.next_version(&author, "d").await.unwrap(), 2);
+        assert_eq!(state.next_version(&author, "other").await.unwrap(), 0);
+        assert_eq!(state.available().await.unwrap(), vec![(id(0), "k0".into())]);
     }
 }
