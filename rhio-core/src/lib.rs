@@ -15,6 +15,7 @@
 //! assert_eq!(parsed, public);
 //! ```
 
+pub mod blobs;
 pub mod identity;
 pub mod manifest;
 pub mod message;

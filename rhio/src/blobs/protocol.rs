@@ -33,9 +33,7 @@ use crate::s3::S3Store;
 /// Protocol id (bound to the network id by p2panda-net).
 pub const BLOBS_ALPN: &[u8] = b"rhio/blobs/1";
 
-const REQUEST_LEN: usize = 32 + 8 + 8 + 8;
-/// Largest range one request may ask for: bounds the server's memory per request.
-pub const MAX_RANGE: u64 = 32 << 20;
+pub use rhio_core::blobs::{MAX_RANGE, REQUEST_LEN, RangeRequest};
 /// Requests served at once for one peer, and for all peers together.
 const PER_PEER_REQUESTS: usize = 6;
 const TOTAL_REQUESTS: usize = 12;
@@ -81,68 +79,21 @@ impl Status {
     }
 }
 
-/// A range request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RangeRequest {
-    pub hash: blake3::Hash,
-    pub size: u64,
-    pub start: u64,
-    pub end: u64,
+/// Whole chunk groups covering the byte range: leaves are then whole groups for the encoder
+/// and the decoder alike (a partial group would make the decoder expect chunk-level parents the
+/// encoder does not send).
+fn chunk_ranges(request: &RangeRequest) -> ChunkRanges {
+    let chunks =
+        ChunkRanges::from(ChunkNum::full_chunks(request.start)..ChunkNum::chunks(request.end));
+    let groups = bao_tree::io::round_up_to_chunks_groups(chunks, BAO_BLOCK_SIZE);
+    let canonical = bao_tree::io::sync::truncate_ranges(&groups, request.size);
+    ChunkRanges::new(canonical.boundaries().iter().copied().collect())
+        .expect("boundaries of a range set are sorted")
 }
 
-impl RangeRequest {
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut out = [0u8; REQUEST_LEN];
-        out[..32].copy_from_slice(self.hash.as_bytes());
-        out[32..40].copy_from_slice(&self.size.to_be_bytes());
-        out[40..48].copy_from_slice(&self.start.to_be_bytes());
-        out[48..56].copy_from_slice(&self.end.to_be_bytes());
-        out
-    }
-
-    pub fn decode(bytes: &[u8; REQUEST_LEN]) -> Result<Self, String> {
-        let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        let request = Self {
-            hash: blake3::Hash::from_bytes(bytes[..32].try_into().expect("32 bytes")),
-            size: word(32),
-            start: word(40),
-            end: word(48),
-        };
-        if request.start >= request.end || request.end > request.size {
-            return Err(format!(
-                "range {}..{} of a {}-byte blob",
-                request.start, request.end, request.size
-            ));
-        }
-        if request.end - request.start > MAX_RANGE {
-            return Err(format!("range of {} bytes", request.end - request.start));
-        }
-        Ok(request)
-    }
-
-    /// Whole chunk groups covering the byte range: leaves are then whole groups for the encoder
-    /// and the decoder alike (a partial group would make the decoder expect chunk-level
-    /// parents the encoder does not send).
-    fn chunks(&self) -> ChunkRanges {
-        let chunks =
-            ChunkRanges::from(ChunkNum::full_chunks(self.start)..ChunkNum::chunks(self.end));
-        let groups = bao_tree::io::round_up_to_chunks_groups(chunks, BAO_BLOCK_SIZE);
-        let canonical = bao_tree::io::sync::truncate_ranges(&groups, self.size);
-        ChunkRanges::new(canonical.boundaries().iter().copied().collect())
-            .expect("boundaries of a range set are sorted")
-    }
-
-    /// Byte range of the chunk groups that cover the request: what the server reads.
-    fn group_range(&self) -> (u64, u64) {
-        let group = BAO_BLOCK_SIZE.bytes() as u64;
-        let start = self.start / group * group;
-        let end = self
-            .end
-            .div_ceil(group)
-            .saturating_mul(group)
-            .min(self.size);
-        (start, end)
-    }
+/// Byte range of the chunk groups that cover the request: what the server reads.
+fn group_range(request: &RangeRequest) -> (u64, u64) {
+    request.covering(BAO_BLOCK_SIZE.bytes() as u64)
 }
 
 // ------------------------------------------------------------------------------- server side
@@ -244,7 +195,7 @@ impl BlobServer {
         };
         let read = async {
             let outboard = self.outboard(&request.hash).await?;
-            let (start, end) = request.group_range();
+            let (start, end) = group_range(request);
             let pieces = self
                 .s3
                 .get_range_pieces(
@@ -312,7 +263,7 @@ impl Prepared {
             bao_tree::io::sync::encode_ranges(
                 &self.window,
                 outboard,
-                &self.request.chunks(),
+                &chunk_ranges(&self.request),
                 &mut writer,
             )
             .map_err(|err| format!("encode: {err}"))?;
@@ -546,7 +497,7 @@ async fn fetch_range_inner(
     let mut parents = Vec::new();
     let tree = BaoTree::new(request.size, BAO_BLOCK_SIZE);
     let reader = iroh_io::TokioStreamReader::new(recv);
-    let mut decoder = ResponseDecoder::new(request.hash, request.chunks(), tree, reader);
+    let mut decoder = ResponseDecoder::new(request.hash, chunk_ranges(&request), tree, reader);
     loop {
         let item = match decoder.next().await {
             ResponseDecoderNext::More((next, item)) => {
@@ -607,7 +558,7 @@ mod tests {
             tree,
             data: outboard,
         };
-        let (start, end) = request.group_range();
+        let (start, end) = group_range(request);
         // The window is read in uneven pieces, as parallel GETs return it.
         let pieces = data[start as usize..end as usize]
             .chunks(100_003)
@@ -615,15 +566,19 @@ mod tests {
             .collect();
         let window = Window::new(start, pieces, data.len() as u64);
         let mut encoded = Vec::new();
-        bao_tree::io::sync::encode_ranges(&window, outboard, &request.chunks(), &mut encoded)
+        bao_tree::io::sync::encode_ranges(&window, outboard, &chunk_ranges(request), &mut encoded)
             .unwrap();
         encoded
     }
 
     async fn decode(encoded: Vec<u8>, request: &RangeRequest) -> Result<Vec<u8>, DecodeError> {
         let tree = BaoTree::new(request.size, BAO_BLOCK_SIZE);
-        let mut decoder =
-            ResponseDecoder::new(request.hash, request.chunks(), tree, Bytes::from(encoded));
+        let mut decoder = ResponseDecoder::new(
+            request.hash,
+            chunk_ranges(request),
+            tree,
+            Bytes::from(encoded),
+        );
         let mut out = Vec::new();
         while let ResponseDecoderNext::More((next, item)) = decoder.next().await {
             decoder = next;
@@ -674,26 +629,5 @@ mod tests {
                 Err(DecodeError::LeafHashMismatch(_) | DecodeError::ParentHashMismatch(_))
             ));
         }
-    }
-
-    #[test]
-    fn requests_outside_the_blob_are_refused() {
-        let hash = blake3::hash(b"x");
-        let bad = |start, end, size| {
-            RangeRequest::decode(
-                &RangeRequest {
-                    hash,
-                    size,
-                    start,
-                    end,
-                }
-                .encode(),
-            )
-            .is_err()
-        };
-        assert!(bad(5, 5, 10));
-        assert!(bad(0, 11, 10));
-        assert!(bad(0, MAX_RANGE + 1, u64::MAX));
-        assert!(!bad(0, 10, 10));
     }
 }
