@@ -422,6 +422,60 @@ fn a_receiver_killed_mid_transfer_resumes_and_refetches_little() {
 }
 
 #[test]
+fn messages_are_routed_while_a_dataset_replicates() {
+    let env = LocalEnv::up(2);
+    let dirs = dirs();
+    let file = dirs.root.join("big.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "200", "4000"]);
+    let mut a = spec(&env, 0, &dirs.nodes, "a");
+    let mut b = spec(&env, 1, &dirs.nodes, "b");
+    a.import_roots = vec![dirs.root.clone()];
+    know(&mut a, &[&b]);
+    know(&mut b, &[&a]);
+    a.extra = publish_toml(&["announcements.>"], "ANNOUNCEMENTS");
+    // One part at a time: the transfer takes long enough to route messages beside it.
+    b.extra = subscribe_toml(&a.public_key(), &["announcements.>"], "ANNOUNCEMENTS")
+        + &subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS")
+        + "\n[replication]\nparts_in_flight = 1\n";
+    let node_a = RhioNode::start(a.clone());
+    let node_b = RhioNode::start(b.clone());
+    node_a.wait_healthy();
+    node_b.wait_healthy();
+    import(&env.clusters[0], &file, "big");
+    wait_for("a transfer in progress", WAIT, || {
+        let (_, health) = node_b.health()?;
+        (!health["datasets"]["transfers"].as_array()?.is_empty()).then_some(())
+    });
+    for i in 0..20 {
+        runtime().block_on(common::js_publish(
+            &env.clusters[0].nats_url,
+            [(
+                format!("announcements.tick.{i}"),
+                async_nats::HeaderMap::new(),
+                b"tick".to_vec(),
+            )],
+        ));
+    }
+    runtime().block_on(stream_messages(
+        &env.clusters[1].nats_url,
+        "ANNOUNCEMENTS",
+        20,
+        WAIT,
+    ));
+    // All 20 messages arrived while the 200 MiB transfer was still running.
+    let (_, health) = node_b.health().unwrap();
+    let transfers = health["datasets"]["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 1, "{health}");
+    assert!(
+        transfers[0]["parts_done"].as_u64().unwrap()
+            < transfers[0]["parts_total"].as_u64().unwrap()
+    );
+    assert!(transfers[0]["bytes_fetched"].as_u64().unwrap() > 0);
+    let got = announcements(&env.clusters[1], 1);
+    assert_copy(&env.clusters[1], &got[0].0, &file);
+}
+
+#[test]
 fn datasets_of_an_author_are_not_replicated_without_a_matching_subscription() {
     let env = LocalEnv::up(2);
     let dirs = dirs();
