@@ -50,8 +50,8 @@ fn settings() -> Settings {
         quick,
         only,
         runs: if quick { 1 } else { 3 },
-        burst: if quick { 5_000 } else { 20_000 },
-        latency_secs: if quick { 5 } else { 20 },
+        burst: if quick { 3_000 } else { 20_000 },
+        latency_secs: if quick { 3 } else { 20 },
         json,
     }
 }
@@ -1039,7 +1039,7 @@ fn main() {
 
     if settings.wants("import") {
         // import: interleaved with the baseline upload of the same file.
-        let import_mib = if settings.quick { 128 } else { 1024 };
+        let import_mib = if settings.quick { 64 } else { 1024 };
         let import_file = clusters.data.join("bench.parquet");
         common::make_parquet(&[
             "sized",
@@ -1089,7 +1089,7 @@ fn main() {
     let busy = settings.wants("messages").then(|| {
         // messages while a dataset replicates: one extra replication, not counted in the throughput
         // medians, with the latency probe running during its transfer.
-        let busy_mib: u64 = if settings.quick { 128 } else { 1024 };
+        let busy_mib: u64 = if settings.quick { 64 } else { 1024 };
         let busy_file = clusters.data.join("busy.parquet");
         common::make_parquet(&[
             "sized",
@@ -1097,7 +1097,7 @@ fn main() {
             &busy_mib.to_string(),
             "8192",
         ]);
-        let busy_secs = if settings.quick { 3 } else { 8 };
+        let busy_secs = if settings.quick { 2 } else { 8 };
         let busy_latency =
             runtime.block_on(latency_while_replicating(&clusters, &busy_file, busy_secs));
         let busy_len = std::fs::metadata(&busy_file).unwrap().len();
@@ -1108,7 +1108,7 @@ fn main() {
     });
     if settings.wants("replication") {
         // replication: a fresh file per round (identical bytes would be found in B and not moved).
-        let repl_mib: u64 = if settings.quick { 128 } else { 1024 };
+        let repl_mib: u64 = if settings.quick { 64 } else { 1024 };
         let (mut rhio_repl, mut rclone_repl, mut sdk_repl) = (Vec::new(), Vec::new(), Vec::new());
         let mut repl_cpu_b = Vec::new();
         for round in 0..settings.runs {
@@ -1168,7 +1168,7 @@ fn main() {
         ));
         let (moved, new_bytes) = runtime.block_on(delta(
             &clusters,
-            if settings.quick { 64 } else { 256 },
+            if settings.quick { 32 } else { 256 },
             if settings.quick { 8 } else { 32 },
         ));
         let delta_ratio = moved / new_bytes as f64;
