@@ -11,6 +11,10 @@
 //! - [`http`]: `GET /health` and `GET /metrics`;
 //! - [`store`]: the durable operation store (SQLite) with group commit;
 //! - [`routing`]: signing local JetStream messages and delivering accepted remote ones;
+//! - [`blobs`]: which row-group blobs this cluster holds, and `rhio/blobs/1` (serving and
+//!   fetching bao-verified byte ranges of them);
+//! - [`datasets`]: `rhio.import`, and replication of other authors' datasets into this S3;
+//! - [`status`], [`metrics`]: the status document and Prometheus metrics;
 //! - [`node`]: starts all of the above and shuts them down in order.
 //!
 //! ```no_run

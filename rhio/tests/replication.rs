@@ -471,6 +471,8 @@ fn messages_are_routed_while_a_dataset_replicates() {
             < transfers[0]["parts_total"].as_u64().unwrap()
     );
     assert!(transfers[0]["bytes_fetched"].as_u64().unwrap() > 0);
+    assert_eq!(transfers[0]["blobs_local"], 0);
+    assert!(transfers[0]["blobs_remote"].as_u64().unwrap() > 50);
     let got = announcements(&env.clusters[1], 1);
     assert_copy(&env.clusters[1], &got[0].0, &file);
 }

@@ -90,6 +90,9 @@ pub struct TransferStatus {
     pub bytes_done: u64,
     /// Bytes that must come from peers (blobs this cluster lacks).
     pub bytes_remote: u64,
+    /// Blobs of the version fetched from peers, and blobs found in this cluster.
+    pub blobs_remote: usize,
+    pub blobs_local: usize,
     /// Bytes received from peers in this run (bao encoding included).
     pub bytes_fetched: u64,
     pub parts_total: usize,
@@ -513,6 +516,8 @@ impl Replicator {
                         .map(|p| p.length)
                         .sum(),
                     bytes_remote: plan.remote_bytes,
+                    blobs_remote: plan.remote_blobs.len(),
+                    blobs_local: manifest.blobs.len() - plan.remote_blobs.len(),
                     bytes_fetched: 0,
                     parts_total: plan.parts.len(),
                     parts_done: done.len(),
