@@ -61,10 +61,11 @@ pub fn dataset_subject(prefix: &str, name: &str) -> String {
 impl SyncRequest {
     /// True when operations of `author` in `log` are wanted.
     pub fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
-        let subject = match log {
-            LogId::Message(subject) => subject.clone(),
+        // Message logs are checked on every pushed operation: borrow their subject.
+        let subject: std::borrow::Cow<'_, str> = match log {
+            LogId::Message(subject) => subject.into(),
             LogId::Dataset(_) if self.datasets_prefix.is_empty() => return false,
-            LogId::Dataset(name) => dataset_subject(&self.datasets_prefix, name),
+            LogId::Dataset(name) => dataset_subject(&self.datasets_prefix, name).into(),
         };
         self.interests.iter().any(|interest| {
             interest.author == *author && crate::subject::matches_any(&interest.subjects, &subject)

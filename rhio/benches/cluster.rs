@@ -289,19 +289,7 @@ async fn announced(clusters: &Clusters, dataset: &str, version: u64) -> Value {
 /// Imports `path` into A as `dataset` and times until B announced it (its S3 holds the verified
 /// copy). Returns MiB/s.
 async fn replicate_rhio(clusters: &Clusters, path: &std::path::Path, dataset: &str) -> f64 {
-    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
-        .await
-        .unwrap();
-    let answer = client
-        .import(
-            path.to_str().unwrap(),
-            Some(dataset),
-            None,
-            Duration::from_secs(3600),
-        )
-        .await
-        .unwrap();
-    assert_eq!(answer["ok"], true, "{answer}");
+    let answer = common::rhio_import_ok(&clusters.env.clusters[0].nats_url, path, dataset).await;
     // Replication starts when B receives the manifest, right after the import's reply.
     let start = Instant::now();
     let summary = announced(clusters, dataset, 0).await;
@@ -317,19 +305,7 @@ async fn latency_while_replicating(
     path: &std::path::Path,
     secs: u64,
 ) -> Vec<f64> {
-    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
-        .await
-        .unwrap();
-    let answer = client
-        .import(
-            path.to_str().unwrap(),
-            Some("busy"),
-            None,
-            Duration::from_secs(3600),
-        )
-        .await
-        .unwrap();
-    assert_eq!(answer["ok"], true, "{answer}");
+    common::rhio_import_ok(&clusters.env.clusters[0].nats_url, path, "busy").await;
     let (latencies, _) = tokio::join!(
         latency(clusters, Path::Rhio, 500, secs, 100),
         announced(clusters, "busy", 0)
@@ -369,17 +345,8 @@ async fn latency_while_rclone(clusters: &Clusters, secs: u64, len: u64) -> Vec<f
     latencies
 }
 
-/// `rclone copyto` of A's object to B's S3 (rclone streams through this host). Returns MiB/s.
-fn replicate_rclone(clusters: &Clusters, key: &str, target: &str, len: u64) -> f64 {
-    rclone(
-        &clusters.env.clusters[0],
-        &clusters.env.clusters[1],
-        key,
-        target,
-        len,
-    )
-}
-
+/// `rclone copyto` of `key` in one cluster's S3 to `target` in another's (rclone streams through
+/// this host). Returns MiB/s.
 fn rclone(from: &common::Cluster, to: &common::Cluster, key: &str, target: &str, len: u64) -> f64 {
     let mut command = std::process::Command::new("rclone");
     // rclone's AWS SDK cannot use a custom CA bundle with its HTTP transport; the local S3
@@ -527,22 +494,10 @@ async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
         &extra_mib.to_string(),
         "4000",
     ]);
-    let client = rhio_client::Client::connect(&clusters.env.clusters[0].nats_url)
-        .await
-        .unwrap();
     let mut manifests = Vec::new();
     let mut fetched = Vec::new();
     for (version, file) in [&v1, &v2].into_iter().enumerate() {
-        let answer = client
-            .import(
-                file.to_str().unwrap(),
-                Some("delta"),
-                None,
-                Duration::from_secs(3600),
-            )
-            .await
-            .unwrap();
-        assert_eq!(answer["ok"], true, "{answer}");
+        common::rhio_import_ok(&clusters.env.clusters[0].nats_url, file, "delta").await;
         announced(clusters, "delta", version as u64).await;
         fetched.push(common::metric(
             &clusters.nodes[1],
@@ -1134,8 +1089,9 @@ fn main() {
                     / (len as f64 / (1u64 << 30) as f64),
             );
             let key = format!("datasets/{dataset}/v0.parquet");
-            rclone_repl.push(replicate_rclone(
-                &clusters,
+            rclone_repl.push(rclone(
+                &clusters.env.clusters[0],
+                &clusters.env.clusters[1],
                 &key,
                 &format!("baseline/rclone-{round}.parquet"),
                 len,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rhio_core::identity::PrivateKey;
+use rhio_core::identity::{PrivateKey, PublicKey};
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Routing(String),
+    #[error("replication: {0}")]
+    Replication(String),
     #[error("cannot start the transfer runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot create data directory {path}: {source}")]
@@ -214,30 +216,49 @@ impl Node {
 
         let network =
             Network::spawn(&config.network, &key, metrics.clone(), shutdown.clone()).await?;
-        // Every protocol handler is registered before the sync server: p2panda-net holds a read
-        // lock on its protocol map for the whole life of a handler (a sync session lives long), and
-        // registering one later waits for that lock and stops the endpoint from accepting.
+        // Protocols are registered before sync starts (see Network::accept).
         let index = BlobIndex::default();
         let transfer_runtime = TransferRuntime::new().map_err(StartError::Runtime)?;
+        let known_keys: Vec<PublicKey> = config
+            .network
+            .known_nodes
+            .iter()
+            .map(|node| node.public_key)
+            .collect();
+        // The index is filled before the blob server answers anyone.
+        let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
+            .await
+            .map_err(|err| StartError::Replication(format!("state: {err}")))?;
+        let replicator = Replicator::new(
+            s3.clone(),
+            store.clone(),
+            index.clone(),
+            transfer_state,
+            routes.clone(),
+            key.public_key(),
+            js.clone(),
+            config.datasets.clone(),
+            config.replication.clone(),
+            metrics.clone(),
+            network.clone(),
+            known_keys.clone(),
+        );
+        replicator
+            .load_index()
+            .await
+            .map_err(|err| StartError::Replication(format!("blob index: {err}")))?;
         network
-            .endpoint()
             .accept(
                 BLOBS_ALPN,
                 BlobServer::new(
                     s3.clone(),
                     index.clone(),
-                    config
-                        .network
-                        .known_nodes
-                        .iter()
-                        .map(|node| node.public_key)
-                        .collect(),
+                    known_keys.iter().copied().collect(),
                     metrics.clone(),
                     transfer_runtime.handle(),
                 ),
             )
-            .await
-            .map_err(|err| StartError::Network(NetworkError::Endpoint(err.to_string())))?;
+            .await?;
         network
             .start_sync(
                 &config.network.known_nodes,
@@ -273,32 +294,6 @@ impl Node {
             tasks.spawn(delivery.run());
         }
 
-        let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
-            .await
-            .map_err(|err| StartError::Routing(format!("replication state: {err}")))?;
-        let replicator = Replicator::new(
-            s3.clone(),
-            store.clone(),
-            index.clone(),
-            transfer_state,
-            routes.clone(),
-            key.public_key(),
-            js.clone(),
-            config.datasets.clone(),
-            config.replication.clone(),
-            metrics.clone(),
-            network.clone(),
-            config
-                .network
-                .known_nodes
-                .iter()
-                .map(|node| node.public_key)
-                .collect(),
-        );
-        replicator
-            .load_index()
-            .await
-            .map_err(|err| StartError::Routing(format!("blob index: {err}")))?;
         let transfers = replicator.transfers.clone();
         let replication = transfer_runtime
             .handle()

@@ -42,15 +42,11 @@ fn setup() -> Setup {
 
 impl Setup {
     fn import(&self, path: &str, dataset: Option<&str>) -> Value {
-        self.rt.block_on(async {
-            let client = rhio_client::Client::connect(&self.env.clusters[0].nats_url)
-                .await
-                .unwrap();
-            client
-                .import(path, dataset, None, Duration::from_secs(600))
-                .await
-                .unwrap()
-        })
+        self.rt.block_on(common::rhio_import(
+            &self.env.clusters[0].nats_url,
+            path,
+            dataset,
+        ))
     }
 
     fn error_code(&self, path: &str) -> String {

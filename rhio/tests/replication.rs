@@ -16,30 +16,41 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(180);
 
-/// A node spec for cluster `index` of `env`, with its own data dir under `dir`.
-fn spec(env: &LocalEnv, index: usize, dir: &Path, name: &str) -> NodeSpec {
-    NodeSpec::for_cluster(&env.clusters[index], &dir.join(name))
+/// Node specs for clusters 0..N of `env` (named a, b, c), each with its own data dir; node a
+/// may import from `dirs.root`, and node i knows the nodes `peers[i]`, in that order.
+fn specs<const N: usize>(env: &LocalEnv, dirs: &Dirs, peers: [&[usize]; N]) -> [NodeSpec; N] {
+    let mut specs: Vec<NodeSpec> = (0..N)
+        .map(|i| {
+            let name = ["a", "b", "c"][i];
+            NodeSpec::for_cluster(&env.clusters[i], &dirs.nodes.join(name))
+        })
+        .collect();
+    specs[0].import_roots = vec![dirs.root.clone()];
+    let known: Vec<Vec<(String, u16)>> = peers
+        .iter()
+        .map(|list| {
+            list.iter()
+                .map(|&j| (specs[j].public_key(), specs[j].quic_port))
+                .collect()
+        })
+        .collect();
+    for (spec, known) in specs.iter_mut().zip(known) {
+        spec.known_nodes = known;
+    }
+    specs.try_into().unwrap_or_else(|_| unreachable!())
 }
 
-fn know(spec: &mut NodeSpec, others: &[&NodeSpec]) {
-    for other in others {
-        spec.known_nodes.push((other.public_key(), other.quic_port));
+/// Starts a node per spec and waits until each is healthy.
+fn start_healthy<const N: usize>(specs: [&NodeSpec; N]) -> [RhioNode; N] {
+    let nodes = specs.map(|spec| RhioNode::start(spec.clone()));
+    for node in &nodes {
+        node.wait_healthy();
     }
+    nodes
 }
 
 fn import(cluster: &Cluster, path: &Path, dataset: &str) -> Value {
-    let rt = runtime();
-    rt.block_on(async {
-        let client = rhio_client::Client::connect(&cluster.nats_url)
-            .await
-            .unwrap();
-        let answer = client
-            .import(path.to_str().unwrap(), Some(dataset), None, WAIT)
-            .await
-            .unwrap();
-        assert_eq!(answer["ok"], true, "{answer}");
-        answer
-    })
+    runtime().block_on(common::rhio_import_ok(&cluster.nats_url, path, dataset))
 }
 
 /// Waits until the cluster's DATASETS stream holds `count` announcements and returns them as
@@ -152,16 +163,9 @@ fn a_dataset_replicates_byte_identical_and_a_new_version_moves_only_its_new_row_
         "24",
         "4000",
     ]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b]);
-    know(&mut b, &[&a]);
+    let [a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
     b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS");
-    let node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [_node_a, node_b] = start_healthy([&a, &b]);
 
     let started = Instant::now();
     let first = import(&env.clusters[0], &v1, "weather");
@@ -250,16 +254,9 @@ fn rotten_local_row_groups_are_not_used_and_the_version_comes_from_peers() {
         "8",
         "2000",
     ]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b]);
-    know(&mut b, &[&a]);
+    let [a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
     b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS");
-    let node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [_node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &v1, "rot");
     let got = announcements(&env.clusters[1], 1);
     // B's copy of v0 rots on disk; v1 shares its row groups.
@@ -286,20 +283,11 @@ fn a_third_cluster_gets_the_dataset_from_a_replica_while_the_author_is_down() {
     let dirs = dirs();
     let file = dirs.root.join("sensors.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "40", "2000"]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    let mut c = spec(&env, 2, &dirs.nodes, "c");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b, &c]);
-    know(&mut b, &[&a, &c]);
-    know(&mut c, &[&a, &b]);
+    let [a, mut b, mut c] = specs(&env, &dirs, [&[1, 2], &[0, 2], &[0, 1]]);
     let author = a.public_key();
     b.extra = subscribe_toml(&author, &["datasets.*"], "DATASETS");
     c.extra = subscribe_toml(&author, &["datasets.sensors"], "DATASETS");
-    let mut node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [mut node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "sensors");
     let got = announcements(&env.clusters[1], 1);
     assert_copy(&env.clusters[1], &got[0].0, &file);
@@ -328,21 +316,12 @@ fn a_peer_serving_corrupt_bytes_is_detected_and_the_data_comes_from_an_honest_pe
     let dirs = dirs();
     let file = dirs.root.join("rot.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "40", "2000"]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    let mut c = spec(&env, 2, &dirs.nodes, "c");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b, &c]);
-    know(&mut b, &[&a, &c]);
     // C asks B first for every other part.
-    know(&mut c, &[&b, &a]);
+    let [a, mut b, mut c] = specs(&env, &dirs, [&[1, 2], &[0, 2], &[1, 0]]);
     let author = a.public_key();
     b.extra = subscribe_toml(&author, &["datasets.>"], "DATASETS");
     c.extra = subscribe_toml(&author, &["datasets.>"], "DATASETS");
-    let node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [_node_a, _node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "rot");
     let got = announcements(&env.clusters[1], 1);
     let key = key_of(got[0].0["location"].as_str().unwrap());
@@ -374,18 +353,11 @@ fn a_receiver_killed_mid_transfer_resumes_and_refetches_little() {
     let file = dirs.root.join("big.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "200", "4000"]);
     let file_len = std::fs::metadata(&file).unwrap().len();
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b]);
-    know(&mut b, &[&a]);
+    let [a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
     // A kill loses at most the parts in flight: 2 x 8 MiB is under 8% of this file.
     b.extra = subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS")
         + "\n[replication]\nparts_in_flight = 2\n";
-    let node_a = RhioNode::start(a.clone());
-    let mut node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [node_a, mut node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "big");
 
     // Kill B (SIGKILL) once a few parts are in S3 and the transfer is still running.
@@ -427,20 +399,13 @@ fn messages_are_routed_while_a_dataset_replicates() {
     let dirs = dirs();
     let file = dirs.root.join("big.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "200", "4000"]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b]);
-    know(&mut b, &[&a]);
+    let [mut a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
     a.extra = publish_toml(&["announcements.>"], "ANNOUNCEMENTS");
     // One part at a time: the transfer takes long enough to route messages beside it.
     b.extra = subscribe_toml(&a.public_key(), &["announcements.>"], "ANNOUNCEMENTS")
         + &subscribe_toml(&a.public_key(), &["datasets.>"], "DATASETS")
         + "\n[replication]\nparts_in_flight = 1\n";
-    let node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [_node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "big");
     wait_for("a transfer in progress", WAIT, || {
         let (_, health) = node_b.health()?;
@@ -483,18 +448,11 @@ fn datasets_of_an_author_are_not_replicated_without_a_matching_subscription() {
     let dirs = dirs();
     let file = dirs.root.join("private.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "4", "500"]);
-    let mut a = spec(&env, 0, &dirs.nodes, "a");
-    let mut b = spec(&env, 1, &dirs.nodes, "b");
-    a.import_roots = vec![dirs.root.clone()];
-    know(&mut a, &[&b]);
-    know(&mut b, &[&a]);
+    let [mut a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
     a.extra = publish_toml(&["announcements.>"], "ANNOUNCEMENTS");
     // B takes A's announcements, not its datasets.
     b.extra = subscribe_toml(&a.public_key(), &["announcements.>"], "ANNOUNCEMENTS");
-    let node_a = RhioNode::start(a.clone());
-    let node_b = RhioNode::start(b.clone());
-    node_a.wait_healthy();
-    node_b.wait_healthy();
+    let [node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "private");
     // A message sent after the import arriving proves the sync session carried everything
     // B is allowed to have.

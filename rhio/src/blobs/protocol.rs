@@ -33,7 +33,7 @@ use crate::s3::S3Store;
 /// Protocol id (bound to the network id by p2panda-net).
 pub const BLOBS_ALPN: &[u8] = b"rhio/blobs/1";
 
-pub use rhio_core::blobs::{MAX_RANGE, REQUEST_LEN, RangeRequest};
+pub use rhio_core::blobs::{REQUEST_LEN, RangeRequest};
 /// Requests served at once for one peer, and for all peers together.
 const PER_PEER_REQUESTS: usize = 6;
 const TOTAL_REQUESTS: usize = 12;

@@ -194,24 +194,11 @@ impl Source {
                     })?;
                 Ok(buf)
             }
-            Source::S3 { key, .. } => {
-                let object = s3
-                    .client()
-                    .get_object()
-                    .bucket(s3.bucket())
-                    .key(key.as_str())
-                    .range(format!("bytes={}-{}", offset, offset + len - 1))
-                    .send()
-                    .await
-                    .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-                let bytes = object
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|err| ImportError::StorageUnavailable(err.to_string()))?
-                    .into_bytes();
-                Ok(bytes.to_vec())
-            }
+            Source::S3 { key, .. } => s3
+                .get_range(key, Some((offset, len)))
+                .await
+                .map(|bytes| bytes.to_vec())
+                .map_err(ImportError::StorageUnavailable),
         }
     }
 }

@@ -165,6 +165,8 @@ pub struct Network {
     network_name: String,
     bound: Vec<SocketAddr>,
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    /// Set by [`Network::start_sync`]; no protocol may be added after it (see [`Network::accept`]).
+    sync_started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Network {
@@ -266,7 +268,29 @@ impl Network {
             network_name: config.network_id.clone(),
             bound,
             tasks: Arc::new(tokio::sync::Mutex::new(tasks)),
+            sync_started: Default::default(),
         })
+    }
+
+    /// Serves another protocol on the endpoint. Must come before [`Network::start_sync`]:
+    /// p2panda-net holds a read lock on its protocol map for the whole life of a handler (a sync
+    /// session lives long), so registering a protocol later waits for that lock forever and the
+    /// endpoint stops accepting connections meanwhile.
+    pub async fn accept(
+        &self,
+        alpn: &[u8],
+        handler: impl iroh::protocol::ProtocolHandler,
+    ) -> Result<(), NetworkError> {
+        if self.sync_started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NetworkError::Endpoint(format!(
+                "protocol {} registered after sync started",
+                String::from_utf8_lossy(alpn)
+            )));
+        }
+        self.endpoint
+            .accept(alpn, handler)
+            .await
+            .map_err(|err| NetworkError::Endpoint(err.to_string()))
     }
 
     /// Serves sync sessions to known nodes and keeps one open to each of them when this node
@@ -280,6 +304,8 @@ impl Network {
         shutdown: CancellationToken,
     ) -> Result<(), NetworkError> {
         let known_keys = known.iter().map(|node| node.public_key).collect();
+        self.sync_started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.endpoint
             .accept(
                 sync::SYNC_ALPN,

@@ -566,6 +566,25 @@ pub fn s3_client(cluster: &Cluster) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(config)
 }
 
+/// Asks the node of the cluster at `nats_url` to import `path` (a local path or `s3://...`) as
+/// `dataset` through `rhio.import` and returns its reply, whether ok or an error.
+pub async fn rhio_import(nats_url: &str, path: &str, dataset: Option<&str>) -> Value {
+    let client = rhio_client::Client::connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    client
+        .import(path, dataset, None, Duration::from_secs(3600))
+        .await
+        .expect("an answer to rhio.import")
+}
+
+/// [`rhio_import`] that must succeed.
+pub async fn rhio_import_ok(nats_url: &str, path: &Path, dataset: &str) -> Value {
+    let answer = rhio_import(nats_url, path.to_str().unwrap(), Some(dataset)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    answer
+}
+
 /// Runs `dev/make_parquet.py` with the Python of `dev/localenv.py install`.
 pub fn make_parquet(args: &[&str]) {
     let cache = std::env::var_os("RHIODEV_CACHE")
