@@ -636,6 +636,35 @@ mod tests {
     }
 
     #[test]
+    fn replication_settings_that_s3_or_the_hash_tree_cannot_use_are_named() {
+        for (set, key) in [
+            ("replication.part_size_mib=12", "replication.part_size_mib"),
+            ("replication.part_size_mib=4", "replication.part_size_mib"),
+            (
+                "replication.parts_in_flight=0",
+                "replication.parts_in_flight",
+            ),
+        ] {
+            let sources = ConfigSources {
+                overrides: vec![set.into()],
+                ..Default::default()
+            };
+            match Config::load(&sources) {
+                Err(ConfigError::BadValue { key: named, .. }) => assert_eq!(named, key, "{set}"),
+                other => panic!("{set}: {other:?}"),
+            }
+        }
+        let sources = ConfigSources {
+            overrides: vec!["replication.part_size_mib=16".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(&sources).unwrap().replication.part_size_mib,
+            16
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "[nats]\nendpiont = \"nats://x:4222\"\n");

@@ -459,3 +459,84 @@ fn check(
     }
     Ok(op)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhio_core::identity::PrivateKey;
+    use rhio_core::manifest::{BlobEntry, BlobKind, DatasetManifest};
+
+    fn routes_accepting(author: PublicKey) -> Routes {
+        let mut config = crate::config::Config::default();
+        config.subscribe.push(crate::config::SubscribeConfig {
+            public_key: author,
+            subjects: vec!["datasets.>".into()],
+            stream: "DATASETS".into(),
+        });
+        Routes::from_config(&config)
+    }
+
+    fn manifest(author: PublicKey, dataset: &str, version: u64) -> Vec<u8> {
+        DatasetManifest {
+            dataset: dataset.into(),
+            version,
+            author,
+            created_at_micros: 1,
+            file_size: 12,
+            file_hash: blake3::hash(b"x").to_hex().to_string(),
+            schema: String::new(),
+            rows: 0,
+            blobs: vec![BlobEntry {
+                kind: BlobKind::Footer,
+                offset: 0,
+                length: 12,
+                rows: 0,
+                hash: blake3::hash(b"y").to_hex().to_string(),
+            }],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn dataset_operations_must_carry_a_manifest_of_their_own_log() {
+        let key = PrivateKey::generate();
+        let author = key.public_key();
+        let routes = routes_accepting(author);
+        let op = |name: &str, body: Vec<u8>| {
+            SignedOperation::sign(&key, LogId::Dataset(name.into()), 0, None, 1, body)
+        };
+        let verdict = |op: SignedOperation| check(&routes, &op.header_bytes, op.body.clone());
+
+        assert!(verdict(op("weather", manifest(author, "weather", 0))).is_ok());
+        for (what, op) in [
+            ("not a manifest", op("weather", b"not cbor".to_vec())),
+            (
+                "another dataset",
+                op("weather", manifest(author, "climate", 0)),
+            ),
+            (
+                "another version",
+                op("weather", manifest(author, "weather", 3)),
+            ),
+            (
+                "another author",
+                op(
+                    "weather",
+                    manifest(PrivateKey::generate().public_key(), "weather", 0),
+                ),
+            ),
+        ] {
+            match verdict(op) {
+                Err((RejectReason::MalformedBody, _)) => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // A dataset the subscription does not cover is refused before its body is read.
+        let other_routes = Routes::default();
+        let weather = op("weather", manifest(author, "weather", 0));
+        assert!(matches!(
+            check(&other_routes, &weather.header_bytes, weather.body.clone()),
+            Err((RejectReason::AuthorNotAllowed, _))
+        ));
+    }
+}
