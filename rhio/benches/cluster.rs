@@ -503,19 +503,11 @@ async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
             &clusters.nodes[1],
             "rhio_replication_bytes_fetched_total",
         ));
-        let s3 = common::s3_client(&clusters.env.clusters[0]);
-        let bytes = s3
-            .get_object()
-            .bucket(&clusters.env.clusters[0].s3_bucket)
-            .key(format!(".rhio/manifests/delta/v{version}.cbor"))
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes();
+        let bytes = common::s3_object(
+            &clusters.env.clusters[0],
+            &format!(".rhio/manifests/delta/v{version}.cbor"),
+        )
+        .await;
         manifests.push(rhio_core::manifest::DatasetManifest::decode(&bytes).unwrap());
     }
     let new_bytes = manifests[1]

@@ -56,21 +56,8 @@ impl Setup {
     }
 
     fn object(&self, key: &str) -> Vec<u8> {
-        self.rt.block_on(async {
-            let s3 = s3_client(&self.env.clusters[0]);
-            s3.get_object()
-                .bucket("rhio")
-                .key(key)
-                .send()
-                .await
-                .unwrap_or_else(|err| panic!("{key}: {err:?}"))
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-                .to_vec()
-        })
+        self.rt
+            .block_on(common::s3_object(&self.env.clusters[0], key))
     }
 }
 

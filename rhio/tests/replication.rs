@@ -73,21 +73,7 @@ fn announcements(cluster: &Cluster, count: u64) -> Vec<(Value, String)> {
 }
 
 fn s3_get(cluster: &Cluster, key: &str) -> Vec<u8> {
-    runtime().block_on(async {
-        s3_client(cluster)
-            .get_object()
-            .bucket(&cluster.s3_bucket)
-            .key(key)
-            .send()
-            .await
-            .unwrap_or_else(|err| panic!("get {key}: {err:?}"))
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes()
-            .to_vec()
-    })
+    runtime().block_on(common::s3_object(cluster, key))
 }
 
 fn s3_keys(cluster: &Cluster, prefix: &str) -> Vec<String> {

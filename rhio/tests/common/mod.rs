@@ -566,6 +566,23 @@ pub fn s3_client(cluster: &Cluster) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(config)
 }
 
+/// The whole object `key` in `cluster`'s bucket.
+pub async fn s3_object(cluster: &Cluster, key: &str) -> Vec<u8> {
+    s3_client(cluster)
+        .get_object()
+        .bucket(&cluster.s3_bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("get {key}: {err:?}"))
+        .body
+        .collect()
+        .await
+        .expect("object body")
+        .into_bytes()
+        .to_vec()
+}
+
 /// Asks the node of the cluster at `nats_url` to import `path` (a local path or `s3://...`) as
 /// `dataset` through `rhio.import` and returns its reply, whether ok or an error.
 pub async fn rhio_import(nats_url: &str, path: &str, dataset: Option<&str>) -> Value {
