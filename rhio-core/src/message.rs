@@ -146,6 +146,73 @@ pub fn provenance_headers(operation: &SignedOperation) -> [(&'static str, String
     ]
 }
 
+/// Bytes a NATS server counts against its `max_payload` for a message with these headers and
+/// payload: the header block (`NATS/1.0\r\n`, one `name: value\r\n` per value, `\r\n`) plus
+/// the payload, as in the `HPUB` total.
+pub fn nats_wire_size<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    payload_len: usize,
+) -> usize {
+    let mut block = b"NATS/1.0\r\n".len() + b"\r\n".len();
+    let mut any = false;
+    for (name, value) in headers {
+        any = true;
+        block += name.len() + b": ".len() + value.len() + b"\r\n".len();
+    }
+    if any {
+        block + payload_len
+    } else {
+        payload_len
+    }
+}
+
+/// Upper bound of [`nats_wire_size`] for `message` once a receiving node added the provenance
+/// headers: what the receiver's `max_payload` must allow. A sender checks it before signing, so
+/// it never hands other clusters a message that no JetStream with the same limits can take.
+pub fn delivered_wire_size(message: &RoutedMessage) -> usize {
+    // The provenance headers depend on the signed header only through its length; a header
+    // signed with the largest sequence number and timestamp, a backlink, and an empty body is
+    // at most 8 bytes shorter than any real one (the CBOR body size grows by up to 8 bytes).
+    let key = crate::identity::PrivateKey::from_bytes(&[1; 32]);
+    let probe = SignedOperation::sign(
+        &key,
+        LogId::Message(message.subject.clone()),
+        u64::MAX,
+        Some(p2panda_core::Hash::digest(b"")),
+        u64::MAX,
+        Vec::new(),
+    );
+    let mut provenance = provenance_headers(&probe);
+    let padded = probe.header_bytes.len() + 8;
+    provenance[2].1 = "A".repeat(padded.div_ceil(3) * 4);
+    let pairs = message
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(
+            provenance
+                .iter()
+                .map(|(name, value)| (*name, value.as_str())),
+        );
+    nats_wire_size(pairs, message.payload.len())
+}
+
+/// Author, log and sequence number named by a routed message's `X-Rhio-Operation` header,
+/// without checking the signature (for a node reading back what it published itself).
+pub fn routed_position(headers: &[(String, String)]) -> Option<(PublicKey, LogId, u64)> {
+    let encoded = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(HEADER_OPERATION))
+        .map(|(_, value)| value)?;
+    let bytes = BASE64.decode(encoded).ok()?;
+    let header = SignedOperation::decode_header(&bytes).ok()?;
+    Some((
+        PublicKey::from(header.verifying_key),
+        header.extensions.log,
+        header.seq_num,
+    ))
+}
+
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProvenanceError {
     #[error("header {0} is missing")]
@@ -237,6 +304,67 @@ mod tests {
                 .map(|(n, v)| (n.to_string(), v)),
         );
         headers
+    }
+
+    #[test]
+    fn delivered_size_bounds_what_a_receiver_publishes() {
+        let key = PrivateKey::generate();
+        let long = format!("{}x", "x.".repeat(199));
+        for (subject, payload_len, headers) in [
+            ("a", 0usize, vec![]),
+            ("sensors.t1.readings", 1_048_064, vec![("Trace", "abc")]),
+            (long.as_str(), 10, vec![("A", "1"), ("A", "2")]),
+        ] {
+            let message = RoutedMessage::new(
+                subject,
+                headers.iter().map(|(n, v)| (n.to_string(), v.to_string())),
+                vec![7; payload_len],
+            );
+            let bound = delivered_wire_size(&message);
+            for (seq, timestamp) in [(0, 1), (1 << 40, u64::MAX >> 1)] {
+                let backlink = (seq > 0).then(|| p2panda_core::Hash::digest(b"prev"));
+                let op = SignedOperation::sign(
+                    &key,
+                    LogId::Message(message.subject.clone()),
+                    seq,
+                    backlink,
+                    timestamp,
+                    message.encode(),
+                );
+                let provenance = provenance_headers(&op);
+                let actual = nats_wire_size(
+                    message
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .chain(provenance.iter().map(|(n, v)| (*n, v.as_str()))),
+                    payload_len,
+                );
+                assert!(actual <= bound, "{subject}: {actual} > {bound}");
+                assert!(
+                    bound - actual <= 128,
+                    "{subject}: bound {bound} far above {actual}"
+                );
+            }
+        }
+        assert_eq!(nats_wire_size([], 5), 5);
+        assert_eq!(nats_wire_size([("A", "b")], 5), 10 + 2 + 6 + 5);
+    }
+
+    #[test]
+    fn routed_position_reads_author_log_and_sequence() {
+        let key = PrivateKey::generate();
+        let message = RoutedMessage::new("a.b", [], b"p".to_vec());
+        let headers = routed(&key, &message);
+        assert_eq!(
+            routed_position(&headers),
+            Some((key.public_key(), LogId::Message("a.b".into()), 0))
+        );
+        assert_eq!(routed_position(&[]), None);
+        assert_eq!(
+            routed_position(&[(HEADER_OPERATION.to_string(), "!!".to_string())]),
+            None
+        );
     }
 
     #[test]

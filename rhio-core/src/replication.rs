@@ -112,6 +112,18 @@ pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 /// Most parts one multipart upload may have.
 pub const MAX_PARTS: u64 = 10_000;
 
+/// The part size for a file of `file_len` bytes: `configured`, doubled until the file fits in
+/// [`MAX_PARTS`] parts, so every object size S3 accepts (5 TiB) can be uploaded (with parts of
+/// at most 1 GiB from an 8 MiB start). A power of two stays a power of two. Deterministic, so a
+/// resumed transfer uses the same parts.
+pub fn part_size_for(file_len: u64, configured: u64) -> u64 {
+    let mut part = configured.max(1);
+    while file_len.div_ceil(part) > MAX_PARTS {
+        part *= 2;
+    }
+    part
+}
+
 /// Plans a version: `local` answers where a blob (by BLAKE3 hex) already is in this cluster.
 /// The manifest must be validated (its blobs cover the file exactly).
 pub fn plan(
@@ -229,6 +241,21 @@ fn subtree(cvs: &[ChainingValue], part_size: u64, len: u64) -> ChainingValue {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn part_size_grows_until_any_s3_object_fits() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(0, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size_for(80 * 1024 * MIB, 8 * MIB), 16 * MIB);
+        assert_eq!(part_size_for(10_000 * 8 * MIB, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size_for(10_000 * 8 * MIB + 1, 8 * MIB), 16 * MIB);
+        let five_tib = 5 * 1024 * 1024 * MIB;
+        let part = part_size_for(five_tib, 8 * MIB);
+        assert!(part.is_power_of_two() && part <= 1024 * MIB);
+        assert!(five_tib.div_ceil(part) <= MAX_PARTS);
+        assert_eq!(part_size_for(five_tib, 5 * MIB) % (5 * MIB), 0);
+    }
+
     use super::*;
     use crate::identity::PrivateKey;
     use crate::manifest::{BlobEntry, BlobKind};

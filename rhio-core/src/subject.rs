@@ -89,6 +89,31 @@ pub fn overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// True when every subject that matches `filter` also matches `pattern` (a stream capturing
+/// `pattern` stores everything published on `filter`).
+pub fn covers(pattern: &str, filter: &str) -> bool {
+    let mut pattern_tokens = pattern.split('.');
+    let mut filter_tokens = filter.split('.');
+    loop {
+        match (pattern_tokens.next(), filter_tokens.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(f)) if f != ">" => {}
+            (Some(p), Some(f)) if p == f && p != "*" && p != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filters of `wanted` that no pattern of `captured` covers.
+pub fn uncovered<'a, S: AsRef<str>>(captured: &[S], wanted: &'a [String]) -> Vec<&'a str> {
+    wanted
+        .iter()
+        .map(String::as_str)
+        .filter(|filter| !captured.iter().any(|p| covers(p.as_ref(), filter)))
+        .collect()
+}
+
 /// True when `subject` matches any of `filters`.
 pub fn matches_any<S: AsRef<str>>(filters: &[S], subject: &str) -> bool {
     filters
@@ -111,6 +136,37 @@ mod tests {
         assert!(!matches("a.>", "a"));
         assert!(matches("*.b.>", "x.b.y"));
         assert!(matches(">", "anything.at.all"));
+    }
+
+    #[test]
+    fn covers_means_every_matching_subject_is_captured() {
+        assert!(covers("a.>", "a.b"));
+        assert!(covers("a.>", "a.*.c"));
+        assert!(covers("a.>", "a.>"));
+        assert!(!covers("a.>", "a"));
+        assert!(covers("a.*", "a.b"));
+        assert!(covers("a.*", "a.*"));
+        assert!(!covers("a.*", "a.>"));
+        assert!(!covers("a.b", "a.*"));
+        assert!(!covers("a.b", "a.c"));
+        assert!(covers(">", "x.y.z"));
+        assert!(!covers("a.*", "a.b.c"));
+        let wanted = vec!["a.x".to_string(), "b.>".to_string()];
+        assert_eq!(uncovered(&["a.*"], &wanted), vec!["b.>"]);
+        assert!(uncovered(&["a.*", "b.>"], &wanted).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn a_covered_filter_only_matches_captured_subjects(
+            pattern in "[ab*]{1}(\\.[ab*]){0,2}(\\.>)?",
+            filter in "[ab*]{1}(\\.[ab*]){0,2}(\\.>)?",
+            subject in "[ab]{1}(\\.[ab]){0,4}",
+        ) {
+            if covers(&pattern, &filter) && matches(&filter, &subject) {
+                prop_assert!(matches(&pattern, &subject), "{pattern} covers {filter} but not {subject}");
+            }
+        }
     }
 
     #[test]

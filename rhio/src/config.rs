@@ -15,6 +15,9 @@ use rhio_core::identity::PublicKey;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// What `--print-config` shows instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 /// Environment variables with the `RHIO_` prefix that are not config keys.
 pub const NON_CONFIG_ENV: &[&str] = &["private_key", "config"];
 
@@ -68,8 +71,11 @@ pub struct ImportConfig {
     pub roots: Vec<PathBuf>,
     /// Imports running at once; further requests are answered `busy`.
     pub max_concurrent: usize,
-    /// Size of the S3 multipart upload parts, in MiB (5 or more).
+    /// Size of the S3 multipart upload parts, in MiB (5 or more); doubled for files that
+    /// would need more than 10,000 parts.
     pub part_size_mib: u64,
+    /// Largest file accepted; larger ones are answered `too_large`.
+    pub max_file_bytes: u64,
     /// Parts uploaded at once per import.
     pub upload_concurrency: usize,
     /// Durable variant: import requests published on this subject are kept in the JetStream
@@ -95,6 +101,7 @@ impl Default for ImportConfig {
             roots: Vec::new(),
             max_concurrent: 2,
             part_size_mib: 8,
+            max_file_bytes: 1 << 40,
             upload_concurrency: 4,
             queue_subject: "rhio.import.queue".into(),
             queue_stream: "RHIO_IMPORTS".into(),
@@ -181,6 +188,12 @@ pub struct S3Config {
     pub secret_key: Option<String>,
     /// Create the bucket at start when it does not exist.
     pub create_bucket: bool,
+    /// Longest a TCP/TLS connection to S3 may take to open.
+    pub connect_timeout_secs: u64,
+    /// Longest S3 may take to send the first byte of an answer to one request attempt.
+    pub read_timeout_secs: u64,
+    /// Longest one S3 call may take in all (retries and, for reads, the whole body included).
+    pub operation_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +265,9 @@ impl Default for S3Config {
             access_key: None,
             secret_key: None,
             create_bucket: false,
+            connect_timeout_secs: 5,
+            read_timeout_secs: 30,
+            operation_timeout_secs: 120,
         }
     }
 }
@@ -363,6 +379,15 @@ impl Config {
                 reason: "s3.access_key and s3.secret_key must be set together".into(),
             });
         }
+        if self.s3.connect_timeout_secs == 0
+            || self.s3.read_timeout_secs == 0
+            || self.s3.operation_timeout_secs == 0
+        {
+            return Err(ConfigError::BadValue {
+                key: "s3.operation_timeout_secs",
+                reason: "s3.connect_timeout_secs, read_timeout_secs and operation_timeout_secs must be at least 1 (a hung S3 must not hold the node forever)".into(),
+            });
+        }
         if self.network.probe_interval_secs == 0 {
             return Err(ConfigError::BadValue {
                 key: "network.probe_interval_secs",
@@ -437,6 +462,35 @@ impl Config {
                     .map_err(|e| bad("publish.subjects", format!("publish[{i}]: {e}")))?;
             }
         }
+        // Entries on one stream are read by one consumer with all their subjects as filters
+        // (see `Routes::from_config`); JetStream refuses overlapping filters, and a message
+        // matched twice would be signed twice.
+        for (i, first) in self.publish.iter().enumerate() {
+            for (j, second) in self.publish.iter().enumerate().skip(i + 1) {
+                if first.stream != second.stream {
+                    continue;
+                }
+                for a in &first.subjects {
+                    if let Some(b) = second.subjects.iter().find(|b| overlap(a, b)) {
+                        return Err(bad(
+                            "publish.subjects",
+                            format!(
+                                "publish[{i}] subject {a:?} and publish[{j}] subject {b:?} overlap on stream {:?}; list each subject once per stream",
+                                first.stream
+                            ),
+                        ));
+                    }
+                }
+            }
+            for (k, a) in first.subjects.iter().enumerate() {
+                if let Some(b) = first.subjects.iter().skip(k + 1).find(|b| overlap(a, b)) {
+                    return Err(bad(
+                        "publish.subjects",
+                        format!("publish[{i}] subjects {a:?} and {b:?} overlap"),
+                    ));
+                }
+            }
+        }
         for (i, subscribe) in self.subscribe.iter().enumerate() {
             validate_stream_name(&subscribe.stream)
                 .map_err(|r| bad("subscribe.stream", format!("subscribe[{i}]: {r}")))?;
@@ -503,6 +557,21 @@ impl Config {
         }
     }
 
+    /// A copy with every secret replaced by `"<redacted>"` (for `--print-config` and logs).
+    pub fn redacted(&self) -> Self {
+        let hide = |secret: &mut Option<String>| {
+            if secret.is_some() {
+                *secret = Some(REDACTED.into());
+            }
+        };
+        let mut copy = self.clone();
+        hide(&mut copy.nats.password);
+        hide(&mut copy.nats.token);
+        hide(&mut copy.nats.nkey_seed);
+        hide(&mut copy.s3.secret_key);
+        copy
+    }
+
     /// The private key file, resolved against the data directory.
     pub fn private_key_path(&self) -> PathBuf {
         resolve(&self.node.data_dir, &self.node.private_key_path)
@@ -548,15 +617,66 @@ fn validate_bucket_name(bucket: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Turns `RHIO_A__B=value` variables into `(a.b, value)` assignments.
-fn env_assignments(vars: &[(String, String)]) -> Vec<(String, String)> {
+/// How one `RHIO_*` environment variable is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum EnvVar {
+    /// A config key (`a.b`) and its raw value.
+    Key(String, String),
+    /// Not a config key: the name, for a debug line.
+    Ignored(String),
+}
+
+/// Top-level keys of the configuration (`node`, `nats`, `publish`, ...), derived from the
+/// defaults so a new section is recognised without a second list.
+fn top_level_keys() -> Vec<String> {
+    Figment::from(Serialized::defaults(Config::default()))
+        .data()
+        .ok()
+        .and_then(|mut profiles| profiles.remove(&figment::Profile::Default))
+        .map(|dict| dict.into_keys().collect())
+        .unwrap_or_default()
+}
+
+/// Classifies the `RHIO_*` variables. A variable is config when it names a section and a key
+/// with `__` between them (`RHIO_NATS__ENDPOINT`) or is a top-level key on its own
+/// (`RHIO_PUBLISH`); a typo in such a name is an error at start. Anything else is not ours:
+/// Kubernetes injects `RHIO_HTTP_SERVICE_PORT`, `RHIO_QUIC_PORT_9102_UDP`, ... for Services
+/// named `rhio-*`, and those must not stop the node.
+fn classify_env(vars: &[(String, String)]) -> Vec<EnvVar> {
+    let top_level = top_level_keys();
     vars.iter()
         .filter_map(|(name, value)| {
             let key = name.strip_prefix("RHIO_")?.to_ascii_lowercase();
             if key.is_empty() || NON_CONFIG_ENV.contains(&key.as_str()) {
                 return None;
             }
-            Some((key.replace("__", "."), value.clone()))
+            if key.contains("__") || top_level.contains(&key) {
+                Some(EnvVar::Key(key.replace("__", "."), value.clone()))
+            } else {
+                Some(EnvVar::Ignored(name.clone()))
+            }
+        })
+        .collect()
+}
+
+/// Turns `RHIO_A__B=value` variables into `(a.b, value)` assignments.
+fn env_assignments(vars: &[(String, String)]) -> Vec<(String, String)> {
+    classify_env(vars)
+        .into_iter()
+        .filter_map(|var| match var {
+            EnvVar::Key(key, value) => Some((key, value)),
+            EnvVar::Ignored(_) => None,
+        })
+        .collect()
+}
+
+/// `RHIO_*` variables that were not read as configuration (for a debug line at start).
+pub fn ignored_env(vars: &[(String, String)]) -> Vec<String> {
+    classify_env(vars)
+        .into_iter()
+        .filter_map(|var| match var {
+            EnvVar::Ignored(name) => Some(name),
+            EnvVar::Key(..) => None,
         })
         .collect()
 }
@@ -684,6 +804,80 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("endpiont"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_not_config_but_typos_in_keys_are() {
+        // What Kubernetes injects for the Services rhio-quic and rhio-http.
+        let injected = env(&[
+            ("RHIO_QUIC_SERVICE_HOST", "10.0.0.7"),
+            ("RHIO_QUIC_SERVICE_PORT", "9102"),
+            ("RHIO_QUIC_PORT", "udp://10.0.0.7:9102"),
+            ("RHIO_QUIC_PORT_9102_UDP", "udp://10.0.0.7:9102"),
+            ("RHIO_QUIC_PORT_9102_UDP_PROTO", "udp"),
+            ("RHIO_HTTP_SERVICE_HOST", "10.0.0.8"),
+            ("RHIO_HTTP_SERVICE_PORT", "8080"),
+            ("RHIO_HTTP_PORT_8080_TCP_ADDR", "10.0.0.8"),
+            ("RHIO_NATS__ENDPOINT", "nats://nats:4222"),
+        ]);
+        let config = Config::load(&ConfigSources {
+            env: injected.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.nats.endpoint, "nats://nats:4222");
+        assert_eq!(config.http, HttpConfig::default());
+        let ignored = ignored_env(&injected);
+        assert_eq!(ignored.len(), 8, "{ignored:?}");
+        assert!(ignored.contains(&"RHIO_HTTP_SERVICE_PORT".to_string()));
+
+        for typo in ["RHIO_NATS__ENDPIONT", "RHIO_NAST__ENDPOINT"] {
+            let err = Config::load(&ConfigSources {
+                env: env(&[(typo, "x")]),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            let key = typo.strip_prefix("RHIO_").unwrap().to_ascii_lowercase();
+            let named = key.split("__").any(|part| err.contains(part));
+            assert!(named, "{typo}: {err}");
+        }
+        // A top-level list key on its own is still config.
+        let key = rhio_core::identity::PrivateKey::generate().public_key();
+        let config = Config::load(&ConfigSources {
+            env: env(&[(
+                "RHIO_SUBSCRIBE",
+                &format!("[{{ public_key = \"{key}\", subjects = [\"a.>\"], stream = \"A\" }}]"),
+            )]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.subscribe.len(), 1);
+    }
+
+    #[test]
+    fn redacted_copy_hides_every_secret() {
+        let config = Config::load(&ConfigSources {
+            overrides: vec![
+                "nats.user=alice".into(),
+                "nats.password=hunter2".into(),
+                "s3.access_key=AKIA".into(),
+                "s3.secret_key=s3cret".into(),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let text = toml::to_string_pretty(&config.redacted()).unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        assert!(text.contains("alice") && text.contains(REDACTED), "{text}");
+        let mut token = Config::default();
+        token.nats.token = Some("tok".into());
+        token.nats.nkey_seed = Some("SUAAA".into());
+        let text = toml::to_string_pretty(&token.redacted()).unwrap();
+        assert!(!text.contains("tok\"") && !text.contains("SUAAA"), "{text}");
     }
 
     #[test]
@@ -831,6 +1025,32 @@ mod tests {
             .to_string();
             assert!(err.contains(key_name), "{from} -> {to}: {err}");
         }
+    }
+
+    #[test]
+    fn publish_entries_on_one_stream_must_not_overlap() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[publish]]\nsubjects = [{a:?}]\nstream = \"S\"\n[[publish]]\nsubjects = [{b:?}]\nstream = \"S\"\n"
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: String| {
+            Config::load(&ConfigSources {
+                file: Some(write(dir.path(), &text)),
+                ..Default::default()
+            })
+        };
+        assert_eq!(load(two("a.>", "b.>")).unwrap().publish.len(), 2);
+        let err = load(two("a.>", "a.x")).unwrap_err().to_string();
+        assert!(
+            err.contains("publish.subjects") && err.contains("overlap"),
+            "{err}"
+        );
+        let err = load("[[publish]]\nsubjects = [\"a.*\", \"a.b\"]\nstream = \"S\"\n".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("publish.subjects"), "{err}");
     }
 
     #[test]

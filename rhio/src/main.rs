@@ -80,7 +80,8 @@ fn main() -> ExitCode {
         }
     };
     if args.print_config {
-        match toml::to_string_pretty(&config) {
+        // Secrets are shown as "<redacted>": the output ends up in tickets and chat.
+        match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 print!("{text}");
                 return ExitCode::SUCCESS;
@@ -92,6 +93,12 @@ fn main() -> ExitCode {
         }
     }
     init_logging(&config.node.log_level);
+    for name in rhio::config::ignored_env(&sources.env) {
+        tracing::debug!(
+            variable = %name,
+            "environment variable is not a config key (no `__` section separator); ignored"
+        );
+    }
     // iroh, NATS and S3 all use rustls with ring; install it before any TLS is set up.
     let _ = rustls::crypto::ring::default_provider().install_default();
 

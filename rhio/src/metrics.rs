@@ -74,6 +74,12 @@ pub struct Metrics {
     pub operations_delivered: Counter,
     pub operations_rejected: Family<ReasonLabels, Counter>,
     pub routing_errors: Counter,
+    /// Operations JetStream can never take, moved aside by reason (see `routing::delivery`).
+    pub messages_dead_lettered: Family<ReasonLabels, Counter>,
+    /// Local messages not signed because no cluster could deliver them, by reason.
+    pub messages_refused: Family<ReasonLabels, Counter>,
+    /// Dataset announcements published (`ok`) or failed and kept queued (`retry`).
+    pub announcements: Family<OutcomeLabels, Counter>,
     pub sync_sessions: Family<ReasonLabels, Gauge>,
     /// Blob bytes received from peers (verified or not), and those that failed verification.
     pub replication_bytes_fetched: Counter,
@@ -108,6 +114,9 @@ impl Metrics {
             operations_delivered: Counter::default(),
             operations_rejected: Family::default(),
             routing_errors: Counter::default(),
+            messages_dead_lettered: Family::default(),
+            messages_refused: Family::default(),
+            announcements: Family::default(),
             sync_sessions: Family::default(),
             replication_bytes_fetched: Counter::default(),
             replication_bytes_local: Counter::default(),
@@ -184,6 +193,21 @@ impl Metrics {
             metrics.routing_errors.clone(),
         );
         registry.register(
+            "messages_dead_lettered",
+            "Received messages the local JetStream can never take, moved aside, by reason",
+            metrics.messages_dead_lettered.clone(),
+        );
+        registry.register(
+            "messages_refused",
+            "Local messages not signed because they cannot be delivered anywhere, by reason",
+            metrics.messages_refused.clone(),
+        );
+        registry.register(
+            "announcements",
+            "Dataset version announcements: acknowledged by JetStream (ok) or kept queued (retry)",
+            metrics.announcements.clone(),
+        );
+        registry.register(
             "sync_sessions",
             "Open sync sessions (subscribed: to peers; serving: from peers)",
             metrics.sync_sessions.clone(),
@@ -235,6 +259,14 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// Counts under `family` summed over every reason seen so far.
+    pub fn sum(family: &Family<ReasonLabels, Counter>, reasons: &[&'static str]) -> u64 {
+        reasons
+            .iter()
+            .map(|reason| family.get_or_create(&ReasonLabels { reason }).get())
+            .sum()
     }
 
     /// Rejected operations over all reasons.

@@ -12,6 +12,7 @@ use crate::blobs::BlobIndex;
 use crate::blobs::protocol::{BLOBS_ALPN, BlobServer};
 use crate::config::{Config, ConfigError};
 use crate::datasets::import::Importer;
+use crate::datasets::outbox::Outbox;
 use crate::datasets::replicate::Replicator;
 use crate::datasets::transfers::TransferState;
 use crate::metrics::Metrics;
@@ -105,7 +106,7 @@ async fn check_streams(
     for (stream, subjects) in streams {
         crate::routing::ensure_stream(js, stream, &subjects, config.nats.create_streams)
             .await
-            .map_err(StartError::Routing)?;
+            .map_err(|err| StartError::Routing(err.to_string()))?;
     }
     Ok(())
 }
@@ -229,11 +230,12 @@ impl Node {
         let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
             .await
             .map_err(|err| StartError::Replication(format!("state: {err}")))?;
+        let outbox = Outbox::new(transfer_state.clone());
         let replicator = Replicator::new(
             s3.clone(),
             store.clone(),
             index.clone(),
-            transfer_state,
+            transfer_state.clone(),
             routes.clone(),
             key.public_key(),
             js.clone(),
@@ -242,6 +244,7 @@ impl Node {
             metrics.clone(),
             network.clone(),
             known_keys.clone(),
+            outbox.clone(),
         );
         replicator
             .load_index()
@@ -268,7 +271,7 @@ impl Node {
                 shutdown.clone(),
             )
             .await?;
-        for route in &config.publish {
+        for route in &routes.publish {
             let publisher = Publisher {
                 js: js.clone(),
                 route: route.clone(),
@@ -294,6 +297,11 @@ impl Node {
             tasks.spawn(delivery.run());
         }
 
+        tasks.spawn(
+            replicator
+                .clone()
+                .serve_retry(nats.client().clone(), shutdown.clone()),
+        );
         let transfers = replicator.transfers.clone();
         let replication = transfer_runtime
             .handle()
@@ -310,6 +318,23 @@ impl Node {
             config.import.clone(),
             config.datasets.clone(),
             index.clone(),
+            outbox.clone(),
+        ));
+        // Listed before any import runs, aborted off the start path (S3 may be down or slow).
+        let abandoned = transfer_state.import_uploads().await.unwrap_or_else(|err| {
+            tracing::warn!(%err, "cannot read abandoned import uploads");
+            Vec::new()
+        });
+        tasks.spawn(crate::datasets::import::sweep_abandoned_uploads(
+            s3.clone(),
+            transfer_state.clone(),
+            abandoned,
+        ));
+        tasks.spawn(outbox.clone().run(
+            js.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
         ));
         tasks.spawn(importer.clone().serve(shutdown.clone()));
         tasks.spawn(importer.serve_queue(config.nats.create_streams, shutdown.clone()));
@@ -321,7 +346,11 @@ impl Node {
             network.clone(),
             metrics.clone(),
             streams,
-            crate::status::DatasetSources { index, transfers },
+            crate::status::DatasetSources {
+                index,
+                transfers,
+                outbox,
+            },
         );
         tasks.spawn(crate::nats::warn_about_captured_services(
             nats.clone(),

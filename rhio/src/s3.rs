@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -20,6 +21,39 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::S3Config;
 use crate::metrics::{Metrics, OutcomeLabels};
+
+/// Every object key rhio writes, in one place: the S3 layout of `../shared/PRODUCT.md`.
+pub mod keys {
+    use rhio_core::identity::PublicKey;
+
+    /// rhio's own objects in the bucket (outboards, manifests) live under this hidden prefix.
+    pub const SIDECAR_PREFIX: &str = ".rhio";
+
+    /// This cluster's own import of `dataset` version `version`.
+    pub fn own_version(dataset: &str, version: u64) -> String {
+        format!("datasets/{dataset}/v{version}.parquet")
+    }
+
+    /// A version of another author replicated here: beside (never over) local imports.
+    pub fn replica_version(dataset: &str, author: &PublicKey, version: u64) -> String {
+        format!("datasets/{dataset}/{author}/v{version}.parquet")
+    }
+
+    /// The signed manifest of a version: `author` is `None` for this cluster's own datasets.
+    pub fn manifest(dataset: &str, author: Option<&PublicKey>, version: u64) -> String {
+        match author {
+            None => format!("{SIDECAR_PREFIX}/manifests/{dataset}/v{version}.cbor"),
+            Some(author) => {
+                format!("{SIDECAR_PREFIX}/manifests/{dataset}/{author}/v{version}.cbor")
+            }
+        }
+    }
+
+    /// A blob's bao outboard (post order, no size prefix).
+    pub fn outboard(hash: &blake3::Hash) -> String {
+        format!("{SIDECAR_PREFIX}/outboards/{}.obao4", hash.to_hex())
+    }
+}
 
 /// Longest a single bucket check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,6 +133,15 @@ impl S3Store {
             // default CRC on every request and response body is a second pass over each byte.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // A server that accepts connections and never answers must not hold permits, locks
+            // and transfers forever.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+                    .read_timeout(Duration::from_secs(config.read_timeout_secs))
+                    .operation_timeout(Duration::from_secs(config.operation_timeout_secs))
+                    .build(),
+            )
             .build();
         let state = S3Status {
             endpoint: config.endpoint.clone(),
@@ -139,13 +182,26 @@ impl S3Store {
             }
             get = get.range(format!("bytes={}-{}", offset, offset + length - 1));
         }
-        let object = get.send().await.map_err(|err| describe(&err))?;
-        object
-            .body
-            .collect()
+        // The SDK's operation timeout ends when the answer's headers arrive; the body can
+        // still stall, so the whole read is bounded by the same limit.
+        let limit = self.operation_timeout();
+        let read = async {
+            let object = get.send().await.map_err(|err| describe(&err))?;
+            object
+                .body
+                .collect()
+                .await
+                .map(|data| data.into_bytes())
+                .map_err(|err| err.to_string())
+        };
+        tokio::time::timeout(limit, read)
             .await
-            .map(|data| data.into_bytes())
-            .map_err(|err| err.to_string())
+            .map_err(|_| format!("{key}: no complete answer from S3 within {limit:?}"))?
+    }
+
+    /// Longest one S3 call may take (`s3.operation_timeout_secs`).
+    pub fn operation_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.operation_timeout_secs)
     }
 
     /// Reads `(offset, length)` of an object with several ranged GETs of at most `piece` bytes

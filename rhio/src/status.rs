@@ -40,6 +40,11 @@ pub struct DatasetsStatus {
     pub bytes_served: u64,
     pub corrupt_ranges: u64,
     pub transfers: Vec<crate::datasets::replicate::TransferStatus>,
+    /// Versions available here whose announcement JetStream has not acknowledged yet.
+    pub announcements_pending: usize,
+    /// Versions of other authors that cannot be replicated, with the reason (`rhio.retry`
+    /// replicates one again).
+    pub failed: Vec<crate::datasets::transfers::FailedVersion>,
 }
 
 /// Counters of message routing since the node started.
@@ -49,6 +54,10 @@ pub struct RoutingStatus {
     pub received: u64,
     pub delivered: u64,
     pub rejected: u64,
+    /// Received messages moved aside because the local JetStream can never take them.
+    pub dead_lettered: u64,
+    /// Local messages not signed because no cluster could take them.
+    pub refused: u64,
     /// Sync sessions open to known nodes.
     pub sessions_subscribed: i64,
     /// Sync sessions known nodes have open to us.
@@ -105,6 +114,7 @@ struct StatusInner {
 pub struct DatasetSources {
     pub index: crate::blobs::BlobIndex,
     pub transfers: crate::datasets::replicate::Transfers,
+    pub outbox: crate::datasets::outbox::Outbox,
 }
 
 impl StatusSource {
@@ -165,6 +175,8 @@ impl StatusSource {
                 bytes_served: inner.metrics.blob_bytes_served.get(),
                 corrupt_ranges: inner.metrics.replication_corrupt_ranges.get(),
                 transfers: inner.datasets.transfers.snapshot(),
+                announcements_pending: inner.datasets.outbox.pending(),
+                failed: inner.datasets.transfers.failed(),
             },
         }
     }
@@ -182,6 +194,14 @@ impl StatusSource {
             received: metrics.operations_received.get(),
             delivered: metrics.operations_delivered.get(),
             rejected: metrics.rejected_total(),
+            dead_lettered: Metrics::sum(
+                &metrics.messages_dead_lettered,
+                crate::routing::delivery::DeadLetterReason::NAMES,
+            ),
+            refused: Metrics::sum(
+                &metrics.messages_refused,
+                crate::routing::outbound::RefuseReason::NAMES,
+            ),
             sessions_subscribed: sessions("subscribed"),
             sessions_serving: sessions("serving"),
         }

@@ -87,14 +87,30 @@ enum WriteRequest {
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     /// Positions are written with the next transaction (or after [`DELIVERED_FLUSH`] idle): a
-    /// position lost in a crash only means a repeat that JetStream drops by `Nats-Msg-Id`.
+    /// position lost in a crash only means a repeat that JetStream drops by `Nats-Msg-Id` (and
+    /// delivery checks the stream on resume). Dead letters go into the same transaction.
     MarkDelivered {
         updates: Vec<(PublicKey, LogId, u64)>,
+        dead_letters: Vec<DeadLetter>,
     },
     /// Commits whatever is pending (delivered positions) now.
     Flush {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+}
+
+/// A stored operation that the local JetStream can never take: delivery moved past it. The
+/// operation itself stays in the store (and is still served to peers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub author: PublicKey,
+    pub log: LogId,
+    pub seq: u64,
+    pub hash: String,
+    /// Stable reason (`max_payload`, `max_msg_size`, `no_stream`, `undecodable`).
+    pub reason: String,
+    /// What JetStream or the client said.
+    pub detail: String,
 }
 
 /// Handle to the store; cheap to clone.
@@ -122,6 +138,16 @@ CREATE TABLE IF NOT EXISTS logs (
     last_hash BLOB NOT NULL,
     delivered_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (author, log)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at_micros INTEGER NOT NULL,
+    PRIMARY KEY (author, log, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbound_cursors (
     stream TEXT PRIMARY KEY,
@@ -206,6 +232,7 @@ impl Store {
             heads,
             dirty: HashMap::new(),
             delivered: HashMap::new(),
+            dead_letters: Vec::new(),
             reorder: ReorderBuffer::new(REORDER_CAPACITY),
             events: events.clone(),
         };
@@ -254,8 +281,34 @@ impl Store {
     pub async fn mark_delivered(
         &self,
         updates: Vec<(PublicKey, LogId, u64)>,
+        dead_letters: Vec<DeadLetter>,
     ) -> Result<(), StoreError> {
-        self.send(WriteRequest::MarkDelivered { updates }).await
+        self.send(WriteRequest::MarkDelivered {
+            updates,
+            dead_letters,
+        })
+        .await
+    }
+
+    /// The dead letters recorded so far, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        sqlx::query(
+            "SELECT author, log, seq, hash, reason, detail FROM dead_letters ORDER BY at_micros",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok(DeadLetter {
+                author: author_of(row.get::<&[u8], _>(0))?,
+                log: log_of(row.get::<&str, _>(1))?,
+                seq: row.get::<i64, _>(2) as u64,
+                hash: row.get(3),
+                reason: row.get(4),
+                detail: row.get(5),
+            })
+        })
+        .collect()
     }
 
     /// Writes pending delivered positions now (used at shutdown and by tests).
@@ -337,6 +390,8 @@ struct Writer {
     dirty: HashMap<(PublicKey, LogId), Head>,
     /// Delivered positions not written yet.
     delivered: HashMap<(PublicKey, LogId), u64>,
+    /// Dead letters not written yet (written with the positions that skip them).
+    dead_letters: Vec<DeadLetter>,
     reorder: ReorderBuffer,
     events: broadcast::Sender<Arc<SignedOperation>>,
 }
@@ -507,11 +562,15 @@ impl Writer {
                     replies.push(Reply::Remote(reply, outcomes));
                 }
                 WriteRequest::Flush { reply } => replies.push(Reply::Flushed(reply)),
-                WriteRequest::MarkDelivered { updates } => {
+                WriteRequest::MarkDelivered {
+                    updates,
+                    dead_letters,
+                } => {
                     for (author, log, next) in updates {
                         let position = self.delivered.entry((author, log)).or_insert(next);
                         *position = (*position).max(next);
                     }
+                    self.dead_letters.extend(dead_letters);
                 }
             }
         }
@@ -537,6 +596,21 @@ impl Writer {
             .bind(next as i64)
             .bind(author.as_bytes().as_slice())
             .bind(log.to_key())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let at = now_micros() as i64;
+        for dead in self.dead_letters.drain(..) {
+            sqlx::query(
+                "INSERT OR REPLACE INTO dead_letters (author, log, seq, hash, reason, detail, at_micros) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(dead.author.as_bytes().as_slice())
+            .bind(dead.log.to_key())
+            .bind(dead.seq as i64)
+            .bind(dead.hash)
+            .bind(dead.reason)
+            .bind(dead.detail)
+            .bind(at)
             .execute(&mut *tx)
             .await?;
         }
@@ -761,7 +835,10 @@ mod tests {
         assert_eq!(logs[0].next_seq, 4);
         assert_eq!(logs[0].delivered_seq, 0);
         store
-            .mark_delivered(vec![(author.public_key(), LogId::Message("x.y".into()), 3)])
+            .mark_delivered(
+                vec![(author.public_key(), LogId::Message("x.y".into()), 3)],
+                Vec::new(),
+            )
             .await
             .unwrap();
         store.flush().await.unwrap();

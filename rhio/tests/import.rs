@@ -272,20 +272,15 @@ fn concurrent_imports_and_imports_from_s3() {
     assert_eq!(next["existing"], false);
 }
 
-#[test]
-fn queued_imports_survive_a_node_that_was_down() {
-    use futures::StreamExt;
-    let env = LocalEnv::up(1);
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
-    let file = root.join("queued.parquet");
-    make_parquet(&["sized", file.to_str().unwrap(), "6", "1024"]);
-    let rt = runtime();
-    let nats_url = env.clusters[0].nats_url.clone();
-    // The request is stored in JetStream while no node runs.
-    let mut results = rt.block_on(async {
-        let client = async_nats::connect(&nats_url).await.unwrap();
+/// Creates the durable import queue, puts a request for `file` in it and subscribes to the
+/// results: returns the client and the results subscription.
+fn queue_import(
+    rt: &tokio::runtime::Runtime,
+    nats_url: &str,
+    file: &std::path::Path,
+) -> (async_nats::Client, async_nats::Subscriber) {
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.unwrap();
         let js = async_nats::jetstream::new(client.clone());
         js.create_stream(async_nats::jetstream::stream::Config {
             name: "RHIO_IMPORTS".into(),
@@ -306,19 +301,39 @@ fn queued_imports_survive_a_node_that_was_down() {
         let results = client.subscribe("rhio.import.results").await.unwrap();
         client.flush().await.unwrap();
         (client, results)
-    });
+    })
+}
+
+/// The next import result, as JSON.
+fn next_result(rt: &tokio::runtime::Runtime, results: &mut async_nats::Subscriber) -> Value {
+    use futures::StreamExt;
+    rt.block_on(async {
+        let message = tokio::time::timeout(Duration::from_secs(180), results.next())
+            .await
+            .expect("an import result")
+            .unwrap();
+        serde_json::from_slice(&message.payload).unwrap()
+    })
+}
+
+#[test]
+fn queued_imports_survive_a_node_that_was_down() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("queued.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "6", "1024"]);
+    let rt = runtime();
+    let nats_url = env.clusters[0].nats_url.clone();
+    // The request is stored in JetStream while no node runs.
+    let mut results = queue_import(&rt, &nats_url, &file);
 
     let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
     spec.import_roots = vec![root.clone()];
     let node = RhioNode::start(spec);
     node.wait_healthy();
-    let outcome: Value = rt.block_on(async {
-        let message = tokio::time::timeout(Duration::from_secs(120), results.1.next())
-            .await
-            .expect("an import result")
-            .unwrap();
-        serde_json::from_slice(&message.payload).unwrap()
-    });
+    let outcome = next_result(&rt, &mut results.1);
     assert_eq!(outcome["ok"], true, "{outcome}");
     assert_eq!(outcome["dataset"], "queued");
     assert_eq!(outcome["request"], file.to_str().unwrap());
@@ -344,4 +359,60 @@ fn queued_imports_survive_a_node_that_was_down() {
         }
     });
     assert_eq!(left, 0);
+}
+
+/// Fault: the node is killed (SIGKILL) in the middle of a queued import. The request stays in
+/// the work queue, the restarted node imports it, and the multipart upload the crash abandoned
+/// is aborted.
+#[test]
+fn a_queued_import_survives_a_sigkill_mid_import_and_its_upload_is_swept() {
+    use futures::StreamExt;
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("killed.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "160", "4000"]);
+    let rt = runtime();
+    let nats_url = env.clusters[0].nats_url.clone();
+    let mut progress = rt.block_on(async {
+        let client = async_nats::connect(&nats_url).await.unwrap();
+        let progress = client.subscribe("rhio.progress.killed").await.unwrap();
+        client.flush().await.unwrap();
+        (client, progress)
+    });
+    let mut results = queue_import(&rt, &nats_url, &file);
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
+    spec.import_roots = vec![root.clone()];
+    let mut node = RhioNode::start(spec.clone());
+    // Killed once the import reported progress (64 MiB in) and before it finished.
+    rt.block_on(async {
+        let event = tokio::time::timeout(Duration::from_secs(120), progress.1.next())
+            .await
+            .expect("a progress event")
+            .unwrap();
+        let event: Value = serde_json::from_slice(&event.payload).unwrap();
+        assert!(
+            event["bytes_done"].as_u64() < event["bytes_total"].as_u64(),
+            "{event}"
+        );
+    });
+    node.signal(libc::SIGKILL);
+    node.wait_exit(Duration::from_secs(10));
+    let node = RhioNode::start(spec);
+    let outcome = next_result(&rt, &mut results.1);
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    assert_eq!(outcome["version"], 0, "{outcome}");
+    let stored = rt.block_on(common::s3_object(
+        &env.clusters[0],
+        "datasets/killed/v0.parquet",
+    ));
+    assert!(blake3::hash(&stored) == blake3::hash(&std::fs::read(&file).unwrap()));
+    wait_for_log(&node, "aborted the upload of an import a crash left behind");
+}
+
+fn wait_for_log(node: &RhioNode, text: &str) {
+    common::wait_for(text, Duration::from_secs(30), || {
+        node.log().contains(text).then_some(())
+    });
 }

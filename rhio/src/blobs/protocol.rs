@@ -157,7 +157,7 @@ impl BlobServer {
         }
         let bytes = self
             .s3
-            .get_range(&super::outboard_key(hash), None)
+            .get_range(&crate::s3::keys::outboard(hash), None)
             .await
             .map_err(|err| format!("outboard of {hash}: {err}"))?;
         let outboard = Arc::new(bytes.to_vec());

@@ -30,14 +30,13 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DatasetsConfig, ImportConfig};
-use crate::s3::S3Store;
+use crate::s3::{S3Store, keys};
 use crate::store::Store;
 
 /// Subject of the import request/reply service.
 pub const IMPORT_SUBJECT: &str = "rhio.import";
 /// Prefix of progress events: `rhio.progress.<dataset>`.
 pub const PROGRESS_PREFIX: &str = "rhio.progress";
-pub use super::SIDECAR_PREFIX;
 /// Chunk read from the source at a time.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -54,6 +53,8 @@ pub enum ImportError {
     ForbiddenPath(String),
     #[error(transparent)]
     Parquet(#[from] PartitionError),
+    #[error("{path} has {bytes} bytes, more than import.max_file_bytes = {max}")]
+    TooLarge { path: String, bytes: u64, max: u64 },
     #[error("S3 is unavailable: {0}")]
     StorageUnavailable(String),
     #[error("{0} imports are running already; try again later")]
@@ -72,6 +73,7 @@ impl ImportError {
             ImportError::NotAFile(_) => "not_a_file",
             ImportError::ForbiddenPath(_) => "forbidden_path",
             ImportError::Parquet(err) => err.code(),
+            ImportError::TooLarge { .. } => "too_large",
             ImportError::StorageUnavailable(_) => "storage_unavailable",
             ImportError::Busy(_) => "busy",
             ImportError::Read { .. } => "read_failed",
@@ -213,11 +215,13 @@ pub struct Importer {
     pub import: ImportConfig,
     pub datasets: DatasetsConfig,
     pub index: crate::blobs::BlobIndex,
+    pub outbox: super::outbox::Outbox,
     running: Semaphore,
     per_dataset: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Importer {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         s3: S3Store,
         store: Store,
@@ -226,9 +230,11 @@ impl Importer {
         import: ImportConfig,
         datasets: DatasetsConfig,
         index: crate::blobs::BlobIndex,
+        outbox: super::outbox::Outbox,
     ) -> Self {
         Self {
             index,
+            outbox,
             js: async_nats::jetstream::new(nats.clone()),
             running: Semaphore::new(import.max_concurrent),
             s3,
@@ -439,6 +445,13 @@ impl Importer {
         };
         let _dataset_guard = lock.lock().await;
         let source = self.open(&request.path).await?;
+        if source.len() > self.import.max_file_bytes {
+            return Err(ImportError::TooLarge {
+                path: request.path,
+                bytes: source.len(),
+                max: self.import.max_file_bytes,
+            });
+        }
         self.import(source, &dataset, &subject).await
     }
 
@@ -457,7 +470,7 @@ impl Importer {
                     self.s3.bucket()
                 )));
             }
-            if key.starts_with(SIDECAR_PREFIX) {
+            if key.starts_with(keys::SIDECAR_PREFIX) {
                 return Err(ImportError::ForbiddenPath(format!(
                     "{path} is one of rhio's own objects"
                 )));
@@ -500,41 +513,59 @@ impl Importer {
                 });
             }
         };
-        let mut allowed = false;
-        for root in &self.import.roots {
-            if let Ok(root) = tokio::fs::canonicalize(root).await
-                && resolved.starts_with(&root)
-            {
-                allowed = true;
-                break;
-            }
-        }
-        if !allowed {
+        let roots = self.canonical_roots().await;
+        if !roots.iter().any(|root| resolved.starts_with(root)) {
             return Err(ImportError::ForbiddenPath(format!(
                 "{path} is outside the import roots {:?}",
                 self.import.roots
             )));
         }
-        let meta = tokio::fs::metadata(&resolved)
-            .await
-            .map_err(|err| ImportError::Read {
-                path: path.to_string(),
-                reason: err.to_string(),
-            })?;
+        let read_error = |err: std::io::Error| ImportError::Read {
+            path: path.to_string(),
+            reason: err.to_string(),
+        };
+        // Checked before opening too: opening a FIFO would block.
+        let meta = tokio::fs::metadata(&resolved).await.map_err(read_error)?;
         if !meta.is_file() {
             return Err(ImportError::NotAFile(path.to_string()));
         }
-        let file = tokio::fs::File::open(&resolved)
-            .await
-            .map_err(|err| ImportError::Read {
-                path: path.to_string(),
-                reason: err.to_string(),
-            })?;
+        let file = match tokio::fs::File::open(&resolved).await {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImportError::NotFound(path.to_string()));
+            }
+            Err(err) => return Err(read_error(err)),
+        };
+        // The path was checked before it was opened; a symlink swapped in between could point
+        // anywhere. What counts is the file that is open: check where it really is.
+        let opened = opened_path(&file).map_err(read_error)?;
+        if !roots.iter().any(|root| opened.starts_with(root)) {
+            return Err(ImportError::ForbiddenPath(format!(
+                "{path} led to {} outside the import roots {:?} when it was opened",
+                opened.display(),
+                self.import.roots
+            )));
+        }
+        let meta = file.metadata().await.map_err(read_error)?;
+        if !meta.is_file() {
+            return Err(ImportError::NotAFile(path.to_string()));
+        }
         Ok(Source::File {
             path: resolved,
             file,
             len: meta.len(),
         })
+    }
+
+    /// The import roots with symlinks resolved (roots that do not exist are left out).
+    async fn canonical_roots(&self) -> Vec<PathBuf> {
+        let mut roots = Vec::with_capacity(self.import.roots.len());
+        for root in &self.import.roots {
+            if let Ok(root) = tokio::fs::canonicalize(root).await {
+                roots.push(root);
+            }
+        }
+        roots
     }
 
     async fn import(
@@ -567,7 +598,7 @@ impl Importer {
 
         let versions = self.versions(dataset).await?;
         let next_version = versions.len() as u64;
-        let key = super::own_key(dataset, next_version);
+        let key = keys::own_version(dataset, next_version);
         let (blob_hashes, file_hash, mut upload) =
             self.upload(&mut source, &partition, &key, dataset).await?;
         if let Some((version, op_hash, manifest)) = versions
@@ -576,7 +607,10 @@ impl Importer {
         {
             // Same bytes as an earlier version: nothing becomes visible, the old one is answered.
             upload.abort().await;
-            return Ok(self.reply(manifest, *version, op_hash, subject, true));
+            let reply = self.reply(manifest, *version, op_hash, subject, true);
+            // An earlier import may have failed after signing: finish every step.
+            self.finish_signed(&reply, manifest).await?;
+            return Ok(reply);
         }
         upload.complete().await?;
         let manifest = DatasetManifest::new(
@@ -604,20 +638,8 @@ impl Importer {
                 op.seq()
             )));
         }
-        self.s3
-            .client()
-            .put_object()
-            .bucket(self.s3.bucket())
-            .key(format!(
-                "{SIDECAR_PREFIX}/manifests/{dataset}/v{next_version}.cbor"
-            ))
-            .body(ByteStream::from(manifest.encode()))
-            .send()
-            .await
-            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-        self.index.insert_manifest(&manifest, &key);
         let reply = self.reply(&manifest, next_version, &op.hash.to_hex(), subject, false);
-        self.announce(&reply, &manifest, op).await;
+        self.finish_signed(&reply, &manifest).await?;
         tracing::info!(
             dataset,
             version = next_version,
@@ -626,6 +648,56 @@ impl Importer {
             "imported dataset"
         );
         Ok(reply)
+    }
+
+    async fn put_manifest_sidecar(&self, manifest: &DatasetManifest) -> Result<(), ImportError> {
+        self.s3
+            .client()
+            .put_object()
+            .bucket(self.s3.bucket())
+            .key(keys::manifest(&manifest.dataset, None, manifest.version))
+            .body(ByteStream::from(manifest.encode()))
+            .send()
+            .await
+            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        Ok(())
+    }
+
+    /// The steps after signing a version: its manifest sidecar, its blobs in the index, its
+    /// announcement queued in the outbox. Each is idempotent, so an import retried after a
+    /// failure in any of them (the sidecar PUT, say) finishes the version, and the outbox
+    /// announces it exactly once.
+    async fn finish_signed(
+        &self,
+        reply: &ImportReply,
+        manifest: &DatasetManifest,
+    ) -> Result<(), ImportError> {
+        let sidecar = keys::manifest(&manifest.dataset, None, manifest.version);
+        let present = self
+            .s3
+            .exists(&sidecar)
+            .await
+            .map_err(ImportError::StorageUnavailable)?;
+        if !present {
+            self.put_manifest_sidecar(manifest).await?;
+        }
+        self.index.insert_manifest(
+            manifest,
+            &keys::own_version(&manifest.dataset, reply.version),
+        );
+        let announcement = super::transfers::Announcement {
+            id: super::transfers::VersionId {
+                author: self.author,
+                dataset: manifest.dataset.clone(),
+                version: reply.version,
+            },
+            subject: reply.subject.clone(),
+            location: reply.location.clone(),
+        };
+        self.outbox
+            .queue(&announcement)
+            .await
+            .map_err(|err| ImportError::Internal(format!("announcement outbox: {err}")))
     }
 
     /// Earlier versions of `dataset` by this node: (version, operation hash, manifest).
@@ -670,7 +742,7 @@ impl Importer {
             location: format!(
                 "s3://{}/{}",
                 self.s3.bucket(),
-                super::own_key(&manifest.dataset, version)
+                keys::own_version(&manifest.dataset, version)
             ),
             existing,
         }
@@ -685,16 +757,24 @@ impl Importer {
         key: &str,
         dataset: &str,
     ) -> Result<(Vec<blake3::Hash>, blake3::Hash, MultipartUpload<'s>), ImportError> {
-        let part_size = (self.import.part_size_mib << 20) as usize;
         let file_len = partition.file_len;
+        // Large files get larger parts: S3 allows at most 10,000 per upload.
+        let part_size =
+            rhio_core::replication::part_size_for(file_len, self.import.part_size_mib << 20)
+                as usize;
         let boundaries: Vec<u64> = partition.ranges().map(|r| r.end()).collect();
         let lengths: Vec<u64> = partition.ranges().map(|r| r.length).collect();
         let mut file_hasher = blake3::Hasher::new();
         let mut blob_hashes = Vec::with_capacity(boundaries.len());
         let mut next_boundary = 0;
         let mut outboard = Some(OutboardBuilder::start(lengths[0]));
-        let mut upload =
-            MultipartUpload::start(&self.s3, key, self.import.upload_concurrency).await?;
+        let mut upload = MultipartUpload::start(
+            &self.s3,
+            self.outbox.state(),
+            key,
+            self.import.upload_concurrency,
+        )
+        .await?;
         let mut part = Vec::with_capacity(part_size.min(file_len as usize));
         let mut offset = 0u64;
         let mut reader = ChunkReader::new(source, &self.s3);
@@ -769,7 +849,7 @@ impl Importer {
             .client()
             .put_object()
             .bucket(self.s3.bucket())
-            .key(outboard_key(hash))
+            .key(keys::outboard(hash))
             .body(ByteStream::from(outboard))
             .send()
             .await
@@ -788,82 +868,21 @@ impl Importer {
             )
             .await;
     }
+}
 
-    /// Publishes the dataset summary on its subject. A failure is logged, not fatal: the
-    /// version exists and is replied.
-    async fn announce(
-        &self,
-        reply: &ImportReply,
-        manifest: &DatasetManifest,
-        op: &rhio_core::operation::SignedOperation,
-    ) {
-        if let Err(err) =
-            super::announce(&self.js, &reply.subject, manifest, op, &reply.location).await
-        {
-            tracing::warn!(subject = %reply.subject, %err, "dataset imported but not announced (is a stream capturing the dataset subject?)");
-        }
+pub use crate::blobs::BAO_BLOCK_SIZE;
+use crate::blobs::{OutboardBuilder, OutboardError};
+
+impl From<OutboardError> for ImportError {
+    fn from(err: OutboardError) -> Self {
+        ImportError::Internal(err.to_string())
     }
 }
 
-pub use crate::blobs::{BAO_BLOCK_SIZE, outboard_key};
-
-/// Computes a blob's bao outboard on a blocking thread while its bytes stream past.
-pub(crate) struct OutboardBuilder {
-    bytes: tokio::sync::mpsc::Sender<Bytes>,
-    task: tokio::task::JoinHandle<std::io::Result<(blake3::Hash, Vec<u8>)>>,
-}
-
-impl OutboardBuilder {
-    pub(crate) fn start(length: u64) -> Self {
-        let (bytes, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
-        let task = tokio::task::spawn_blocking(move || {
-            let reader = ChannelReader {
-                receiver,
-                current: Bytes::new(),
-            };
-            let mut outboard = Vec::new();
-            let tree = bao_tree::BaoTree::new(length, BAO_BLOCK_SIZE);
-            let hash = bao_tree::io::sync::outboard_post_order(reader, tree, &mut outboard)?;
-            Ok((hash, outboard))
-        });
-        Self { bytes, task }
-    }
-
-    pub(crate) async fn feed(&self, data: Bytes) -> Result<(), ImportError> {
-        self.bytes
-            .send(data)
-            .await
-            .map_err(|_| ImportError::Internal("outboard computation stopped".into()))
-    }
-
-    pub(crate) async fn finish(self) -> Result<(blake3::Hash, Vec<u8>), ImportError> {
-        drop(self.bytes);
-        self.task
-            .await
-            .map_err(|err| ImportError::Internal(err.to_string()))?
-            .map_err(|err| ImportError::Internal(format!("outboard: {err}")))
-    }
-}
-
-/// `Read` over the chunks sent to an [`OutboardBuilder`].
-struct ChannelReader {
-    receiver: tokio::sync::mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(bytes) => self.current = bytes,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        bytes::Buf::advance(&mut self.current, n);
-        Ok(n)
-    }
+/// Where an open file really is (Linux: the kernel's name for the descriptor).
+fn opened_path(file: &tokio::fs::File) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 fn now_micros() -> u64 {
@@ -951,6 +970,9 @@ impl<'a> ChunkReader<'a> {
 /// An S3 multipart upload with a bounded number of parts in flight.
 struct MultipartUpload<'a> {
     s3: &'a S3Store,
+    /// Where the upload is recorded until it is completed or aborted, so one abandoned by a
+    /// crash is aborted at the next start.
+    state: &'a super::transfers::TransferState,
     key: String,
     upload_id: String,
     in_flight: futures::stream::FuturesOrdered<
@@ -962,7 +984,12 @@ struct MultipartUpload<'a> {
 }
 
 impl<'a> MultipartUpload<'a> {
-    async fn start(s3: &'a S3Store, key: &str, concurrency: usize) -> Result<Self, ImportError> {
+    async fn start(
+        s3: &'a S3Store,
+        state: &'a super::transfers::TransferState,
+        key: &str,
+        concurrency: usize,
+    ) -> Result<Self, ImportError> {
         let created = s3
             .client()
             .create_multipart_upload()
@@ -976,8 +1003,12 @@ impl<'a> MultipartUpload<'a> {
             .upload_id()
             .ok_or_else(|| ImportError::StorageUnavailable("no upload id".into()))?
             .to_string();
+        if let Err(err) = state.start_import_upload(key, &upload_id).await {
+            tracing::warn!(%err, key, "cannot record an import upload; a crash would leave it behind");
+        }
         Ok(Self {
             s3,
+            state,
             key: key.to_string(),
             upload_id,
             in_flight: futures::stream::FuturesOrdered::new(),
@@ -1050,25 +1081,88 @@ impl<'a> MultipartUpload<'a> {
             .send()
             .await
             .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+        self.forget().await;
         Ok(())
+    }
+
+    async fn forget(&self) {
+        if let Err(err) = self
+            .state
+            .end_import_upload(&self.key, &self.upload_id)
+            .await
+        {
+            tracing::debug!(%err, key = %self.key, "cannot forget an import upload");
+        }
     }
 
     async fn abort(&mut self) {
         while self.in_flight.next().await.is_some() {}
-        let _ = self
-            .s3
-            .client()
-            .abort_multipart_upload()
-            .bucket(self.s3.bucket())
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .send()
-            .await;
+        // Forgotten only once S3 confirmed: otherwise the next start aborts it.
+        if abort_upload(self.s3, &self.key, &self.upload_id)
+            .await
+            .is_ok()
+        {
+            self.forget().await;
+        }
+    }
+}
+
+/// Aborts a multipart upload.
+pub(crate) async fn abort_upload(s3: &S3Store, key: &str, upload_id: &str) -> Result<(), String> {
+    s3.client()
+        .abort_multipart_upload()
+        .bucket(s3.bucket())
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|err| crate::s3::describe(&err))
+}
+
+/// Aborts the uploads of imports a crash abandoned: `uploads` is what
+/// [`TransferState::import_uploads`](super::transfers::TransferState::import_uploads) listed
+/// before this start served any import (recorded when started, forgotten when completed or
+/// aborted). Only rhio's own uploads are touched: nothing is listed from S3.
+pub async fn sweep_abandoned_uploads(
+    s3: S3Store,
+    state: super::transfers::TransferState,
+    uploads: Vec<(String, String)>,
+) {
+    for (key, upload_id) in uploads {
+        match abort_upload(&s3, &key, &upload_id).await {
+            Ok(()) => {
+                tracing::info!(key, "aborted the upload of an import a crash left behind");
+                let _ = state.end_import_upload(&key, &upload_id).await;
+            }
+            // S3 down: tried again at the next start.
+            Err(err) => tracing::warn!(key, %err, "cannot abort an abandoned import upload yet"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_opened_file_is_judged_by_where_it_really_is() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret.parquet");
+        std::fs::write(&secret, b"PAR1").unwrap();
+        let link = root.path().join("swapped.parquet");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let opened = runtime.block_on(async {
+            let file = tokio::fs::File::open(&link).await.unwrap();
+            opened_path(&file).unwrap()
+        });
+        assert_eq!(opened, std::fs::canonicalize(&secret).unwrap());
+        assert!(!opened.starts_with(std::fs::canonicalize(root.path()).unwrap()));
+    }
+
     use super::*;
 
     #[test]

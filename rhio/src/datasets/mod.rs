@@ -3,22 +3,17 @@
 //! - [`import`]: `rhio.import` turns a file into row-group blobs, a multipart-uploaded object
 //!   and a signed manifest, announced on the dataset subject.
 //! - [`replicate`]: accepted datasets of other authors are copied in, verified, from peers.
-//! - [`transfers`]: durable state of replications (parts uploaded, versions complete).
+//! - [`transfers`]: durable state of replications (parts uploaded, versions complete, failed)
+//!   and the announcement outbox's queue.
+//! - [`outbox`]: announces every version that became available, until JetStream acknowledged.
 
 pub mod import;
+pub mod outbox;
 pub mod replicate;
 pub mod transfers;
 
 use rhio_core::manifest::DatasetManifest;
 use rhio_core::operation::SignedOperation;
-
-/// rhio's own objects in the bucket (outboards, manifests) live under this hidden prefix.
-pub const SIDECAR_PREFIX: &str = ".rhio";
-
-/// Where this node's own import of `dataset` version `version` lives.
-pub fn own_key(dataset: &str, version: u64) -> String {
-    format!("datasets/{dataset}/v{version}.parquet")
-}
 
 /// Publishes a version's summary on the local JetStream `subject` with the provenance headers of
 /// its manifest operation; `location` is where the file is in *this* cluster's S3.

@@ -39,15 +39,15 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::SIDECAR_PREFIX;
 use super::transfers::{DonePart, TransferState, VersionId};
 use crate::blobs::protocol::{BLOBS_ALPN, FetchError, RangeRequest, fetch_range};
-use crate::blobs::{BAO_BLOCK_SIZE, BlobIndex, outboard_key};
+use crate::blobs::{BAO_BLOCK_SIZE, BlobIndex};
 use crate::config::{DatasetsConfig, ReplicationConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::network::Network;
 use crate::routing::Routes;
 use crate::s3::S3Store;
+use crate::s3::keys;
 use crate::store::Store;
 
 /// Rounds over all peers before a range is given up (the version is retried later).
@@ -103,13 +103,19 @@ pub struct TransferStatus {
     pub rate_mib_s: f64,
 }
 
-/// Transfers in progress, shared with status.
+/// Transfers in progress and versions that failed, shared with status.
 #[derive(Debug, Clone, Default)]
 pub struct Transfers {
     inner: Arc<Mutex<BTreeMap<VersionId, (Instant, TransferStatus)>>>,
+    failed: Arc<Mutex<Vec<super::transfers::FailedVersion>>>,
 }
 
 impl Transfers {
+    /// Versions recorded as failed (as of the last change).
+    pub fn failed(&self) -> Vec<super::transfers::FailedVersion> {
+        self.failed.lock().expect("failed lock").clone()
+    }
+
     pub fn snapshot(&self) -> Vec<TransferStatus> {
         self.inner
             .lock()
@@ -137,12 +143,16 @@ impl Transfers {
     }
 }
 
+/// One peer's connection slot: its lock is held while connecting to that peer only, so a dead
+/// peer (a connect waits up to [`CONNECT_TIMEOUT`]) never holds up fetches from the others.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
 /// QUIC connections to peers for blob requests, and which peers are cooling down.
 #[derive(Clone)]
 struct PeerConnections {
     network: Network,
     known: Vec<PublicKey>,
-    connections: Arc<tokio::sync::Mutex<HashMap<PublicKey, Connection>>>,
+    connections: Arc<Mutex<HashMap<PublicKey, PeerSlot>>>,
     cooldown: Arc<Mutex<HashMap<PublicKey, Instant>>>,
 }
 
@@ -162,9 +172,19 @@ impl PeerConnections {
             .insert(peer, Instant::now() + PEER_COOLDOWN);
     }
 
+    fn slot(&self, peer: PublicKey) -> PeerSlot {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .entry(peer)
+            .or_default()
+            .clone()
+    }
+
     async fn connection(&self, peer: PublicKey) -> Result<Connection, String> {
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&peer)
+        let slot = self.slot(peer);
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref()
             && connection.close_reason().is_none()
         {
             return Ok(connection.clone());
@@ -178,12 +198,13 @@ impl PeerConnections {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|err| format!("connect: {err}"))?;
-        connections.insert(peer, connection.clone());
+        *slot = Some(connection.clone());
         Ok(connection)
     }
 
     async fn forget(&self, peer: &PublicKey) {
-        self.connections.lock().await.remove(peer);
+        let slot = self.slot(*peer);
+        *slot.lock().await = None;
     }
 }
 
@@ -242,6 +263,13 @@ pub struct Replicator {
     pub config: ReplicationConfig,
     pub metrics: Arc<Metrics>,
     pub transfers: Transfers,
+    pub outbox: super::outbox::Outbox,
+    /// Makes the run loop wake every worker (after `rhio.retry`).
+    rescan: Arc<Notify>,
+    /// (peer, blob) pairs whose bytes did not verify: that peer is not asked for that blob
+    /// again, in this transfer, its retries, or other versions sharing the blob (until the
+    /// node restarts).
+    bad_sources: Arc<Mutex<HashSet<(PublicKey, blake3::Hash)>>>,
     peers: PeerConnections,
     running: Arc<tokio::sync::Semaphore>,
 }
@@ -261,8 +289,12 @@ impl Replicator {
         metrics: Arc<Metrics>,
         network: Network,
         known: Vec<PublicKey>,
+        outbox: super::outbox::Outbox,
     ) -> Self {
         Self {
+            outbox,
+            rescan: Arc::new(Notify::new()),
+            bad_sources: Default::default(),
             running: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent)),
             s3,
             store,
@@ -318,6 +350,12 @@ impl Replicator {
         loop {
             let op = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = self.rescan.notified() => {
+                    for notify in workers.values() {
+                        notify.notify_one();
+                    }
+                    continue;
+                }
                 op = events.recv() => op,
             };
             match op {
@@ -425,6 +463,7 @@ impl Replicator {
                     if let Err(err) = self.state.fail(&id, &err.to_string()).await {
                         tracing::warn!(%err, "cannot record the failed version");
                     }
+                    self.refresh_failed().await;
                 }
                 Err(err) => {
                     self.metrics
@@ -475,8 +514,12 @@ impl Replicator {
             dataset: manifest.dataset.clone(),
             version: op.seq(),
         };
-        let key = replica_key(&id);
-        let part_size = self.config.part_size_mib << 20;
+        let key = keys::replica_version(&id.dataset, &id.author, id.version);
+        // Large files get larger parts: S3 allows at most 10,000 per upload.
+        let part_size = rhio_core::replication::part_size_for(
+            manifest.file_size,
+            self.config.part_size_mib << 20,
+        );
         let index = self.index.clone();
         let plan = rhio_core::replication::plan(&manifest, part_size, |hash| {
             if remote_only {
@@ -545,7 +588,6 @@ impl Replicator {
             manifest: &manifest,
             key: &key,
             upload_id: &upload_id,
-            bad_sources: Mutex::new(HashSet::new()),
             outboards: Mutex::new(OutboardCollector::default()),
         };
         let result = transfer.run(&plan, done).await;
@@ -562,13 +604,6 @@ impl Replicator {
                     .get_or_create(&OutcomeLabels { outcome: "done" })
                     .inc();
                 let location = format!("s3://{}/{key}", self.s3.bucket());
-                let subject =
-                    rhio_core::sync::dataset_subject(&self.datasets.subject_prefix, &id.dataset);
-                if let Err(err) =
-                    super::announce(&self.js, &subject, &manifest, op, &location).await
-                {
-                    tracing::warn!(%subject, %err, "dataset replicated but not announced (is a stream capturing the dataset subject?)");
-                }
                 tracing::info!(
                     dataset = %id.dataset,
                     version = id.version,
@@ -618,9 +653,80 @@ impl Replicator {
             .await;
     }
 
+    /// Copies the failed versions into the status.
+    async fn refresh_failed(&self) {
+        match self.state.failed().await {
+            Ok(failed) => *self.transfers.failed.lock().expect("failed lock") = failed,
+            Err(err) => tracing::warn!(%err, "cannot read failed versions"),
+        }
+    }
+
+    /// Answers `rhio.retry` until shutdown: `{"author": "<hex>", "dataset": "...", "version": N}`
+    /// forgets that the version failed, so its worker replicates it again.
+    pub async fn serve_retry(self, nats: async_nats::Client, shutdown: CancellationToken) {
+        let mut requests = match nats.subscribe(RETRY_SUBJECT).await {
+            Ok(subscriber) => subscriber,
+            Err(err) => {
+                tracing::error!(%err, subject = RETRY_SUBJECT, "cannot subscribe; retries are off");
+                return;
+            }
+        };
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                request = requests.next() => request,
+            };
+            let Some(request) = request else { break };
+            let Some(reply) = request.reply else { continue };
+            let answer = match self.retry(&request.payload).await {
+                Ok(()) => serde_json::json!({"ok": true}),
+                Err((code, message)) => {
+                    serde_json::json!({"ok": false, "error": {"code": code, "message": message}})
+                }
+            };
+            if let Err(err) = nats.publish(reply, answer.to_string().into()).await {
+                tracing::warn!(%err, "cannot answer a rhio.retry request");
+            }
+        }
+    }
+
+    async fn retry(&self, body: &[u8]) -> Result<(), (&'static str, String)> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RetryRequest {
+            author: PublicKey,
+            dataset: String,
+            version: u64,
+        }
+        let request: RetryRequest = serde_json::from_slice(body).map_err(|err| {
+            (
+                "bad_request",
+                format!("expected {{\"author\", \"dataset\", \"version\"}}: {err}"),
+            )
+        })?;
+        let id = VersionId {
+            author: request.author,
+            dataset: request.dataset,
+            version: request.version,
+        };
+        let retried = self
+            .state
+            .retry(&id)
+            .await
+            .map_err(|err| ("internal", err.to_string()))?;
+        if !retried {
+            return Err(("not_failed", format!("{id} is not recorded as failed")));
+        }
+        tracing::info!(%id, "replicating a failed version again on request");
+        self.refresh_failed().await;
+        self.rescan.notify_one();
+        Ok(())
+    }
+
     /// Fills the blob index from the versions available here: this node's own imports and
     /// completed replications.
     pub async fn load_index(&self) -> Result<(), String> {
+        self.refresh_failed().await;
         let logs = self.store.logs().await.map_err(|err| err.to_string())?;
         for log in logs {
             if log.author != self.own_key {
@@ -637,7 +743,7 @@ impl Replicator {
             for op in ops {
                 if let Ok(manifest) = DatasetManifest::decode(&op.body) {
                     self.index
-                        .insert_manifest(&manifest, &super::own_key(name, op.seq()));
+                        .insert_manifest(&manifest, &keys::own_version(name, op.seq()));
                 }
             }
         }
@@ -668,13 +774,8 @@ impl Replicator {
     }
 }
 
-/// Where a replicated version of another author lives: beside (never over) local imports.
-pub fn replica_key(id: &VersionId) -> String {
-    format!(
-        "datasets/{}/{}/v{}.parquet",
-        id.dataset, id.author, id.version
-    )
-}
+/// Subject of the request/reply service that replicates a failed version again.
+pub const RETRY_SUBJECT: &str = "rhio.retry";
 
 /// One version being replicated.
 struct Transfer<'a> {
@@ -683,8 +784,6 @@ struct Transfer<'a> {
     manifest: &'a DatasetManifest,
     key: &'a str,
     upload_id: &'a str,
-    /// (peer, blob index) pairs that sent corrupt data.
-    bad_sources: Mutex<HashSet<(PublicKey, usize)>>,
     outboards: Mutex<OutboardCollector>,
 }
 
@@ -758,15 +857,30 @@ impl Transfer<'_> {
         s3.client()
             .put_object()
             .bucket(s3.bucket())
-            .key(format!(
-                "{SIDECAR_PREFIX}/manifests/{}/{}/v{}.cbor",
-                self.id.dataset, self.id.author, self.id.version
+            .key(keys::manifest(
+                &self.id.dataset,
+                Some(&self.id.author),
+                self.id.version,
             ))
             .body(ByteStream::from(self.manifest.encode()))
             .send()
             .await
             .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
-        self.replicator.state.finish(self.id, self.key).await?;
+        // Available and queued for announcement in one step: the outbox announces it until
+        // JetStream acknowledges, also across a crash or a NATS outage.
+        let announcement = super::transfers::Announcement {
+            id: self.id.clone(),
+            subject: rhio_core::sync::dataset_subject(
+                &self.replicator.datasets.subject_prefix,
+                &self.id.dataset,
+            ),
+            location: format!("s3://{}/{}", s3.bucket(), self.key),
+        };
+        self.replicator
+            .state
+            .finish(self.id, self.key, &announcement)
+            .await?;
+        self.replicator.outbox.wake();
         self.replicator
             .index
             .insert_manifest(self.manifest, self.key);
@@ -788,7 +902,7 @@ impl Transfer<'_> {
             s3.client()
                 .put_object()
                 .bucket(s3.bucket())
-                .key(outboard_key(&hash))
+                .key(keys::outboard(&hash))
                 .body(ByteStream::from(outboard))
                 .send()
                 .await
@@ -805,7 +919,7 @@ impl Transfer<'_> {
         hash: blake3::Hash,
     ) -> Result<Vec<u8>, ReplicationError> {
         let entry = &self.manifest.blobs[blob];
-        let builder = super::import::OutboardBuilder::start(entry.length);
+        let builder = crate::blobs::OutboardBuilder::start(entry.length);
         let step = 8 << 20;
         let mut start = 0;
         while start < entry.length {
@@ -937,10 +1051,11 @@ impl Transfer<'_> {
             for i in 0..count {
                 let peer = peers.known[(i + rotation as usize) % count];
                 if self
+                    .replicator
                     .bad_sources
                     .lock()
                     .expect("bad sources lock")
-                    .contains(&(peer, blob))
+                    .contains(&(peer, hash))
                     || peers.cooling(&peer)
                 {
                     continue;
@@ -975,10 +1090,11 @@ impl Transfer<'_> {
                     Err(FetchError::Corrupt(detail)) => {
                         self.replicator.metrics.replication_corrupt_ranges.inc();
                         tracing::warn!(%peer, dataset = %self.id.dataset, blob = %hash, detail, "peer sent data that does not verify; not asking it for this blob again");
-                        self.bad_sources
+                        self.replicator
+                            .bad_sources
                             .lock()
                             .expect("bad sources lock")
-                            .insert((peer, blob));
+                            .insert((peer, hash));
                         last = format!("{peer}: corrupt data");
                     }
                     Err(FetchError::NotFound) => last = format!("{peer}: does not have it"),
@@ -990,7 +1106,7 @@ impl Transfer<'_> {
                     }
                 }
             }
-            if tried == 0 && round > 0 && self.all_bad(blob) {
+            if tried == 0 && round > 0 && self.all_bad(hash) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250 * (round as u64 + 1).min(8))).await;
@@ -1003,12 +1119,16 @@ impl Transfer<'_> {
         })
     }
 
-    fn all_bad(&self, blob: usize) -> bool {
-        let bad = self.bad_sources.lock().expect("bad sources lock");
+    fn all_bad(&self, hash: blake3::Hash) -> bool {
+        let bad = self
+            .replicator
+            .bad_sources
+            .lock()
+            .expect("bad sources lock");
         self.replicator
             .peers
             .known
             .iter()
-            .all(|peer| bad.contains(&(*peer, blob)))
+            .all(|peer| bad.contains(&(*peer, hash)))
     }
 }

@@ -2,6 +2,11 @@
 //! upload of each version being replicated with the parts already uploaded (their ETag and
 //! BLAKE3 chaining value), and the versions that are complete in this cluster.
 //!
+//! A version's announcement is a durable step too: the outbox (`announcements`) holds every
+//! version that became available here (imported or replicated) until JetStream acknowledged its
+//! announcement, so a crash or a NATS outage between "available" and "announced" delays the
+//! announcement but never loses it.
+//!
 //! A part is recorded after S3 accepted it, so a restarted node resumes a transfer from the parts
 //! it has and never needs the bytes of those parts again (the whole-file hash is computed from
 //! the stored chaining values).
@@ -28,6 +33,15 @@ CREATE TABLE IF NOT EXISTS available (
     author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL,
     PRIMARY KEY (author, dataset, version)
 );
+CREATE TABLE IF NOT EXISTS announcements (
+    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL,
+    subject TEXT NOT NULL, location TEXT NOT NULL, acked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (author, dataset, version)
+);
+CREATE TABLE IF NOT EXISTS import_uploads (
+    key TEXT NOT NULL, upload_id TEXT NOT NULL,
+    PRIMARY KEY (key, upload_id)
+);
 CREATE TABLE IF NOT EXISTS failed (
     author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (author, dataset, version)
@@ -46,6 +60,24 @@ impl std::fmt::Display for VersionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/v{} by {}", self.dataset, self.version, self.author)
     }
+}
+
+/// A version waiting for its announcement on the local JetStream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub id: VersionId,
+    pub subject: String,
+    /// Where the file is in this cluster's S3 (`s3://bucket/key`).
+    pub location: String,
+}
+
+/// A version that cannot be replicated, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedVersion {
+    pub author: String,
+    pub dataset: String,
+    pub version: u64,
+    pub reason: String,
 }
 
 /// A part already in S3.
@@ -158,16 +190,131 @@ impl TransferState {
         tx.commit().await
     }
 
-    /// Marks a version complete at `key` and forgets its transfer.
-    pub async fn finish(&self, id: &VersionId, key: &str) -> Result<()> {
+    /// Marks a version complete at `key`, queues its announcement (one transaction: available
+    /// means announced or about to be) and forgets its transfer.
+    pub async fn finish(
+        &self,
+        id: &VersionId,
+        key: &str,
+        announcement: &Announcement,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT OR REPLACE INTO available VALUES (?, ?, ?, ?)")
             .bind(id.author.to_string())
             .bind(&id.dataset)
             .bind(id.version as i64)
             .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        insert_announcement(&mut tx, announcement).await?;
+        tx.commit().await?;
+        self.drop_transfer(id).await
+    }
+
+    /// Queues the announcement of a version, unless it is queued or acknowledged already.
+    pub async fn queue_announcement(&self, announcement: &Announcement) -> Result<()> {
+        let mut connection = self.pool.acquire().await?;
+        insert_announcement(&mut connection, announcement).await
+    }
+
+    /// Announcements not acknowledged by JetStream yet, oldest versions first.
+    pub async fn pending_announcements(&self) -> Result<Vec<Announcement>> {
+        let rows = sqlx::query(
+            "SELECT author, dataset, version, subject, location FROM announcements
+             WHERE acked = 0 ORDER BY author, dataset, version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let author: String = row.get(0);
+                Some(Announcement {
+                    id: VersionId {
+                        author: author.parse().ok()?,
+                        dataset: row.get(1),
+                        version: row.get::<i64, _>(2) as u64,
+                    },
+                    subject: row.get(3),
+                    location: row.get(4),
+                })
+            })
+            .collect())
+    }
+
+    /// Records that JetStream acknowledged an announcement (it is never queued again).
+    pub async fn announced(&self, id: &VersionId) -> Result<()> {
+        sqlx::query(
+            "UPDATE announcements SET acked = 1 WHERE author = ? AND dataset = ? AND version = ?",
+        )
+        .bind(id.author.to_string())
+        .bind(&id.dataset)
+        .bind(id.version as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a multipart upload an import started (imports never resume: an upload still
+    /// recorded at start was abandoned by a crash and is aborted).
+    pub async fn start_import_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO import_uploads VALUES (?, ?)")
+            .bind(key)
+            .bind(upload_id)
             .execute(&self.pool)
             .await?;
-        self.drop_transfer(id).await
+        Ok(())
+    }
+
+    /// Forgets an import's upload (completed or aborted).
+    pub async fn end_import_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM import_uploads WHERE key = ? AND upload_id = ?")
+            .bind(key)
+            .bind(upload_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Import uploads that were neither completed nor aborted: (key, upload id).
+    pub async fn import_uploads(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT key, upload_id FROM import_uploads")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+
+    /// Versions recorded as failed.
+    pub async fn failed(&self) -> Result<Vec<FailedVersion>> {
+        let rows = sqlx::query(
+            "SELECT author, dataset, version, reason FROM failed ORDER BY author, dataset, version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| FailedVersion {
+                author: row.get(0),
+                dataset: row.get(1),
+                version: row.get::<i64, _>(2) as u64,
+                reason: row.get(3),
+            })
+            .collect())
+    }
+
+    /// Forgets that a version failed, so it is replicated again; true when it had failed.
+    pub async fn retry(&self, id: &VersionId) -> Result<bool> {
+        let done =
+            sqlx::query("DELETE FROM failed WHERE author = ? AND dataset = ? AND version = ?")
+                .bind(id.author.to_string())
+                .bind(&id.dataset)
+                .bind(id.version as i64)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Records a version that cannot be replicated (and forgets its transfer).
@@ -182,13 +329,19 @@ impl TransferState {
         self.drop_transfer(id).await
     }
 
-    /// The next version of a dataset log to replicate: versions are done in order, each either
-    /// available here or recorded as failed.
+    /// The next version of a dataset log to replicate: the lowest one that is neither
+    /// available here nor recorded as failed (versions are done in order; a failed version
+    /// that is retried is done again before those after it are looked at).
     pub async fn next_version(&self, author: &PublicKey, dataset: &str) -> Result<u64> {
         let row = sqlx::query(
-            "SELECT COALESCE(MAX(version) + 1, 0) FROM (
+            "SELECT COALESCE(MIN(v.version + 1), 0) FROM (
                  SELECT version FROM available WHERE author = ?1 AND dataset = ?2
-                 UNION ALL SELECT version FROM failed WHERE author = ?1 AND dataset = ?2)",
+                 UNION SELECT version FROM failed WHERE author = ?1 AND dataset = ?2) AS v
+             WHERE v.version + 1 NOT IN (
+                 SELECT version FROM available WHERE author = ?1 AND dataset = ?2
+                 UNION SELECT version FROM failed WHERE author = ?1 AND dataset = ?2)
+             AND EXISTS (SELECT 1 FROM available WHERE author = ?1 AND dataset = ?2 AND version = 0
+                 UNION SELECT 1 FROM failed WHERE author = ?1 AND dataset = ?2 AND version = 0)",
         )
         .bind(author.to_string())
         .bind(dataset)
@@ -217,6 +370,21 @@ impl TransferState {
             })
             .collect())
     }
+}
+
+async fn insert_announcement(
+    connection: &mut sqlx::SqliteConnection,
+    announcement: &Announcement,
+) -> Result<()> {
+    sqlx::query("INSERT OR IGNORE INTO announcements VALUES (?, ?, ?, ?, ?, 0)")
+        .bind(announcement.id.author.to_string())
+        .bind(&announcement.id.dataset)
+        .bind(announcement.id.version as i64)
+        .bind(&announcement.subject)
+        .bind(&announcement.location)
+        .execute(connection)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,7 +423,21 @@ mod tests {
             Some(("k0".into(), "u0".into()))
         );
         assert_eq!(state.parts(&id(0)).await.unwrap(), vec![part]);
-        state.finish(&id(0), "k0").await.unwrap();
+        let announcement = Announcement {
+            id: id(0),
+            subject: "datasets.d".into(),
+            location: "s3://b/k0".into(),
+        };
+        state.finish(&id(0), "k0", &announcement).await.unwrap();
+        assert_eq!(
+            state.pending_announcements().await.unwrap(),
+            vec![announcement.clone()]
+        );
+        state.announced(&id(0)).await.unwrap();
+        assert!(state.pending_announcements().await.unwrap().is_empty());
+        // An acknowledged announcement is never queued again.
+        state.queue_announcement(&announcement).await.unwrap();
+        assert!(state.pending_announcements().await.unwrap().is_empty());
         assert_eq!(state.transfer(&id(0)).await.unwrap(), None);
         assert!(state.parts(&id(0)).await.unwrap().is_empty());
         assert_eq!(state.next_version(&author, "d").await.unwrap(), 1);
@@ -263,5 +445,17 @@ mod tests {
         assert_eq!(state.next_version(&author, "d").await.unwrap(), 2);
         assert_eq!(state.next_version(&author, "other").await.unwrap(), 0);
         assert_eq!(state.available().await.unwrap(), vec![(id(0), "k0".into())]);
+        // A later version done, then the failed one retried: it is next again.
+        let later = Announcement {
+            id: id(2),
+            subject: "datasets.d".into(),
+            location: "s3://b/k2".into(),
+        };
+        state.finish(&id(2), "k2", &later).await.unwrap();
+        assert_eq!(state.next_version(&author, "d").await.unwrap(), 3);
+        assert_eq!(state.failed().await.unwrap()[0].reason, "bad manifest");
+        assert!(state.retry(&id(1)).await.unwrap());
+        assert!(!state.retry(&id(1)).await.unwrap());
+        assert_eq!(state.next_version(&author, "d").await.unwrap(), 1);
     }
 }

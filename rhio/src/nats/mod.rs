@@ -160,7 +160,7 @@ pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, Str
 
 /// Subjects of rhio's request/reply services; a JetStream stream capturing one of them answers
 /// requests with a PubAck before rhio can.
-pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import"];
+pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import", "rhio.retry"];
 
 /// Once NATS is reachable, warns about streams that capture rhio's service subjects.
 pub async fn warn_about_captured_services(nats: NatsConnection, shutdown: CancellationToken) {

@@ -36,6 +36,16 @@ pub struct Routes {
 
 impl Routes {
     pub fn from_config(config: &Config) -> Self {
+        // One publisher per stream: several [[publish]] entries on one stream share its durable
+        // consumer and its cursor, so they are read as one route with all their subjects (two
+        // consumers of one name would delete each other, and one cursor cannot serve two).
+        let mut publish: Vec<PublishConfig> = Vec::new();
+        for entry in &config.publish {
+            match publish.iter_mut().find(|p| p.stream == entry.stream) {
+                Some(route) => route.subjects.extend(entry.subjects.iter().cloned()),
+                None => publish.push(entry.clone()),
+            }
+        }
         let mut subscribe: BTreeMap<PublicKey, Vec<String>> = BTreeMap::new();
         let mut subscribe_streams: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in &config.subscribe {
@@ -49,7 +59,7 @@ impl Routes {
                 .extend(entry.subjects.iter().cloned());
         }
         Self {
-            publish: config.publish.clone(),
+            publish,
             subscribe,
             subscribe_streams,
             datasets_prefix: config.datasets.subject_prefix.clone(),
@@ -172,15 +182,75 @@ impl StreamStates {
     }
 }
 
-/// Makes sure `name` exists (creating it with `subjects` when allowed).
+/// Why a stream rhio needs is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(
+        "JetStream stream {name:?} does not exist; create it (capturing {subjects:?}) or set nats.create_streams = true"
+    )]
+    Missing { name: String, subjects: Vec<String> },
+    #[error(
+        "JetStream stream {name:?} captures {captured:?} but not {missing:?}; add them to the stream's subjects or set nats.create_streams = true"
+    )]
+    Uncaptured {
+        name: String,
+        captured: Vec<String>,
+        missing: Vec<String>,
+    },
+    #[error("cannot {action} JetStream stream {name:?}: {reason}")]
+    Request {
+        action: &'static str,
+        name: String,
+        reason: String,
+    },
+}
+
+/// Makes sure `name` exists and captures every filter of `subjects` (creating the stream, or
+/// adding the missing subjects to it, when allowed). A stream that exists but misses a subject
+/// is an error naming both: messages on that subject would have nowhere to go.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: &[String],
     create: bool,
-) -> Result<jetstream::stream::Stream, String> {
+) -> Result<jetstream::stream::Stream, StreamError> {
+    let request = |action: &'static str| {
+        move |err: &dyn std::fmt::Display| StreamError::Request {
+            action,
+            name: name.to_string(),
+            reason: err.to_string(),
+        }
+    };
     match js.get_stream(name).await {
-        Ok(stream) => Ok(stream),
+        Ok(stream) => {
+            let mut config = stream.cached_info().config.clone();
+            let missing: Vec<String> = rhio_core::subject::uncovered(&config.subjects, subjects)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            if missing.is_empty() {
+                return Ok(stream);
+            }
+            if !create {
+                return Err(StreamError::Uncaptured {
+                    name: name.to_string(),
+                    captured: config.subjects,
+                    missing,
+                });
+            }
+            config.subjects.extend(missing.iter().cloned());
+            js.update_stream(config)
+                .await
+                .map_err(|err| request("add subjects to")(&err))?;
+            tracing::info!(
+                stream = name,
+                ?missing,
+                "added subjects to JetStream stream"
+            );
+            js.get_stream(name)
+                .await
+                .map_err(|err| request("look up")(&err))
+        }
         Err(err)
             if matches!(
                 err.kind(),
@@ -189,9 +259,10 @@ pub(crate) async fn ensure_stream(
             ) =>
         {
             if !create {
-                return Err(format!(
-                    "JetStream stream {name:?} does not exist; create it (capturing {subjects:?}) or set nats.create_streams = true"
-                ));
+                return Err(StreamError::Missing {
+                    name: name.to_string(),
+                    subjects: subjects.to_vec(),
+                });
             }
             js.create_stream(jetstream::stream::Config {
                 name: name.to_string(),
@@ -201,9 +272,9 @@ pub(crate) async fn ensure_stream(
                 ..Default::default()
             })
             .await
-            .map_err(|err| format!("cannot create JetStream stream {name:?}: {err}"))
+            .map_err(|err| request("create")(&err))
             .inspect(|_| tracing::info!(stream = name, ?subjects, "created JetStream stream"))
         }
-        Err(err) => Err(format!("cannot look up JetStream stream {name:?}: {err}")),
+        Err(err) => Err(request("look up")(&err)),
     }
 }

@@ -13,14 +13,57 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use rhio_core::message::{RoutedMessage, is_routed};
-use rhio_core::operation::LogId;
+use rhio_core::message::{RoutedMessage, delivered_wire_size, is_routed};
+use rhio_core::operation::{LogId, MAX_BODY_BYTES};
 use tokio_util::sync::CancellationToken;
 
 use super::{RETRY, ensure_stream};
 use crate::config::PublishConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::store::Store;
+
+/// Why a local message was not signed: the `reason` label of `rhio_messages_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The signed body would exceed the protocol's operation size limit.
+    TooLarge,
+    /// With the provenance headers a receiver adds, the message exceeds `max_payload` (the
+    /// limit of this cluster's NATS, which other clusters are expected to share).
+    ExceedsMaxPayload,
+}
+
+impl RefuseReason {
+    pub const NAMES: &'static [&'static str] = &["too_large", "exceeds_max_payload"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::TooLarge => "too_large",
+            RefuseReason::ExceedsMaxPayload => "exceeds_max_payload",
+        }
+    }
+}
+
+/// Why `message` cannot be routed, if it cannot. `max_payload` is this cluster's NATS limit.
+pub fn refuse_reason(
+    message: &RoutedMessage,
+    body_len: usize,
+    max_payload: usize,
+) -> Option<RefuseReason> {
+    if body_len > MAX_BODY_BYTES {
+        return Some(RefuseReason::TooLarge);
+    }
+    // Cheap test first: the provenance headers add well under 2 KiB.
+    let plain: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 4)
+        .sum::<usize>()
+        + message.payload.len();
+    if plain + 2048 > max_payload && delivered_wire_size(message) > max_payload {
+        return Some(RefuseReason::ExceedsMaxPayload);
+    }
+    None
+}
 
 /// Name of the durable consumer rhio keeps on each published stream.
 pub const CONSUMER: &str = "rhio-publish";
@@ -65,7 +108,8 @@ impl Publisher {
             &self.route.subjects,
             self.create_stream,
         )
-        .await?;
+        .await
+        .map_err(|err| err.to_string())?;
         // The store's cursor is the truth about what is signed. Recreating the consumer at the
         // message after it makes a restart resume exactly there: no message is skipped because a
         // later one was signed first, none is signed twice.
@@ -133,6 +177,7 @@ impl Publisher {
         let mut entries = Vec::with_capacity(messages.len());
         let mut last_seq = start;
         let mut skipped_routed = 0;
+        let max_payload = self.js.client().max_payload();
         for message in &messages {
             let seq = message
                 .info()
@@ -148,8 +193,27 @@ impl Publisher {
                 continue;
             }
             let subject = message.subject.to_string();
-            let body =
-                RoutedMessage::new(subject.clone(), headers, message.payload.to_vec()).encode();
+            let routed = RoutedMessage::new(subject.clone(), headers, message.payload.to_vec());
+            let body = routed.encode();
+            if let Some(reason) = refuse_reason(&routed, body.len(), max_payload) {
+                // Signing it would hand every other cluster a message it cannot publish.
+                self.metrics
+                    .messages_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+                tracing::warn!(
+                    stream = %self.route.stream,
+                    stream_seq = seq,
+                    %subject,
+                    payload_bytes = routed.payload.len(),
+                    max_payload,
+                    reason = reason.as_str(),
+                    "message not signed: with rhio's provenance headers it does not fit the protocol's or NATS' size limits; it stays in the local stream only"
+                );
+                continue;
+            }
             entries.push((LogId::Message(subject), body));
         }
         let signed = entries.len();

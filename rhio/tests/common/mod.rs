@@ -207,6 +207,8 @@ pub struct NodeSpec {
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
     pub extra: String,
+    /// Extra environment variables for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeSpec {
@@ -227,6 +229,7 @@ impl NodeSpec {
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -326,6 +329,9 @@ impl RhioNode {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rhio"));
         for set in sets {
             command.arg("--set").arg(set);
+        }
+        for (name, value) in &spec.env {
+            command.env(name, value);
         }
         let child = command
             .arg("-c")
@@ -527,14 +533,27 @@ pub fn subscribe_toml(author: &str, subjects: &[&str], stream: &str) -> String {
     )
 }
 
-/// Reads a counter from /metrics (0 when absent).
+/// Reads a counter from /metrics: 0 when the series was never created (a counter that never
+/// counted), but a failed scrape panics instead of passing for a zero. Compare against a value
+/// above 0 to prove something happened; use [`metric_present`] where a 0 must be proven.
 pub fn metric(node: &RhioNode, name: &str) -> f64 {
-    let (_, text) = http_get(node.spec.http_addr(), "/metrics").unwrap_or_default();
+    metric_present(node, name).unwrap_or(0.0)
+}
+
+/// The value of a series on /metrics, `None` when the series is absent. Panics when /metrics
+/// cannot be read.
+pub fn metric_present(node: &RhioNode, name: &str) -> Option<f64> {
+    let (code, text) = http_get(node.spec.http_addr(), "/metrics")
+        .unwrap_or_else(|| panic!("GET /metrics of {} failed", node.spec.http_addr()));
+    assert_eq!(code, 200, "GET /metrics answered {code}");
     text.lines()
         .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
         .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
+        .map(|value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} has value {value:?}"))
+        })
 }
 
 /// An aws-sdk-s3 client for a cluster's S3 server.

@@ -1,0 +1,169 @@
+//! The announcement outbox: every dataset version that became available in this cluster is
+//! announced on its JetStream subject until JetStream acknowledged it.
+//!
+//! Import and replication queue an [`Announcement`] in `replication.sqlite` in the same step that
+//! makes the version available; this task publishes what is queued (with the provenance headers
+//! of the version's signed manifest and `Nats-Msg-Id` = operation hash, so a repeat after a
+//! crash between the PubAck and the record is dropped by JetStream) and records each one as
+//! acknowledged after its PubAck, so a version is announced once, however often an import of
+//! it is retried. While NATS is down or no stream captures the subject, entries stay queued and are
+//! retried with backoff; a restart picks them up from the table.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rhio_core::manifest::DatasetManifest;
+use rhio_core::operation::LogId;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::transfers::{Announcement, TransferState};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::store::Store;
+
+/// Pauses between attempts while announcements fail.
+const MIN_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Handle to queue announcements; cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    state: TransferState,
+    wake: Arc<Notify>,
+    /// Queued announcements as of the publisher's last pass (for status).
+    pending: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    pub fn new(state: TransferState) -> Self {
+        Self {
+            state,
+            wake: Arc::new(Notify::new()),
+            pending: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Queues `announcement` durably and wakes the publisher.
+    pub async fn queue(&self, announcement: &Announcement) -> Result<(), sqlx::Error> {
+        self.state.queue_announcement(announcement).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The durable state the outbox lives in (shared with imports and replication).
+    pub fn state(&self) -> &TransferState {
+        &self.state
+    }
+
+    /// Wakes the publisher (after [`TransferState::finish`] queued an announcement itself).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Announcements not acknowledged yet, as of the publisher's last pass.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Publishes queued announcements until shutdown.
+    pub async fn run(
+        self,
+        js: async_nats::jetstream::Context,
+        store: Store,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
+        let mut retry = MIN_RETRY;
+        loop {
+            let pending = match self.state.pending_announcements().await {
+                Ok(pending) => pending,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot read the announcement outbox");
+                    Vec::new()
+                }
+            };
+            let mut failed = false;
+            let mut left = pending.len();
+            self.pending.store(left, Ordering::Relaxed);
+            for announcement in &pending {
+                match publish(&js, &store, announcement).await {
+                    Ok(()) => {
+                        metrics
+                            .announcements
+                            .get_or_create(&OutcomeLabels { outcome: "ok" })
+                            .inc();
+                        if let Err(err) = self.state.announced(&announcement.id).await {
+                            tracing::warn!(%err, "cannot record an announcement; it may repeat");
+                        }
+                        left -= 1;
+                        self.pending.store(left, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        metrics
+                            .announcements
+                            .get_or_create(&OutcomeLabels { outcome: "retry" })
+                            .inc();
+                        tracing::warn!(
+                            dataset = %announcement.id.dataset,
+                            version = announcement.id.version,
+                            author = %announcement.id.author,
+                            subject = %announcement.subject,
+                            %err,
+                            retry_in = ?retry,
+                            "dataset version available but not announced yet (is NATS up and a stream capturing the subject?); retrying"
+                        );
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            let pause = if failed {
+                let pause = retry;
+                retry = (retry * 2).min(MAX_RETRY);
+                Some(pause)
+            } else {
+                retry = MIN_RETRY;
+                None
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified(), if pause.is_none() => {}
+                _ = tokio::time::sleep(pause.unwrap_or(MAX_RETRY)) => {}
+            }
+        }
+    }
+}
+
+async fn publish(
+    js: &async_nats::jetstream::Context,
+    store: &Store,
+    announcement: &Announcement,
+) -> Result<(), String> {
+    let id = &announcement.id;
+    let op = store
+        .operations(
+            &id.author,
+            &LogId::Dataset(id.dataset.clone()),
+            id.version,
+            1,
+        )
+        .await
+        .map_err(|err| err.to_string())?
+        .into_iter()
+        .find(|op| op.seq() == id.version)
+        .ok_or_else(|| format!("the manifest of {id} is not in the store"))?;
+    let manifest = DatasetManifest::decode(&op.body).map_err(|err| err.to_string())?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        super::announce(
+            js,
+            &announcement.subject,
+            &manifest,
+            &op,
+            &announcement.location,
+        ),
+    )
+    .await
+    .map_err(|_| "no PubAck within 10 s".to_string())?
+}
