@@ -33,6 +33,8 @@ struct Settings {
     burst: usize,
     latency_secs: u64,
     json: Option<String>,
+    /// `--write-doc FILE`: replace the results table of FILE (BENCHMARKS.md) with this run's.
+    doc: Option<String>,
 }
 
 fn settings() -> Settings {
@@ -46,6 +48,10 @@ fn settings() -> Settings {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
+    let doc = args
+        .iter()
+        .position(|a| a == "--write-doc")
+        .and_then(|i| args.get(i + 1).cloned());
     Settings {
         quick,
         only,
@@ -53,6 +59,7 @@ fn settings() -> Settings {
         burst: if quick { 3_000 } else { 20_000 },
         latency_secs: if quick { 3 } else { 20 },
         json,
+        doc,
     }
 }
 
@@ -60,6 +67,70 @@ impl Settings {
     fn wants(&self, scenario: &str) -> bool {
         self.only.as_deref().is_none_or(|only| only == scenario)
     }
+}
+
+/// Runs that lost, duplicated or timed out. Any entry makes the bench exit with an error after
+/// the table, and the rows measured with it say FAILED: a lossy run must never pass for a
+/// figure.
+static FAILURES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn fail(what: String) {
+    eprintln!("bench: FAILED: {what}");
+    FAILURES.lock().unwrap().push(what);
+}
+
+fn failure_count() -> usize {
+    FAILURES.lock().unwrap().len()
+}
+
+/// The goal of a row (from the issues that set them), by scenario and the start of its measure.
+fn goal(scenario: &str, measure: &str) -> &'static str {
+    match (scenario, measure) {
+        ("import", _) => ">= 0.9x",
+        ("replication", m) if m.contains("dataset A -> B, verified") => ">= 1.0x",
+        ("replication", m) if m.starts_with("appended version") => "<= 1.05",
+        ("messages", m) if m.starts_with("sustained") => ">= 5,000 msg/s",
+        ("messages", m) if m.starts_with("latency p50 at 500 msg/s") && !m.contains("during") => {
+            "<= 5 ms"
+        }
+        ("messages", m) if m.starts_with("latency p99 at 500 msg/s") && !m.contains("during") => {
+            "<= 20 ms"
+        }
+        ("memory", _) => "<= 256 MiB",
+        _ => "",
+    }
+}
+
+/// The results table as Markdown, with the goal of each row.
+fn markdown_table(rows: &[(String, String, String, String, String)]) -> String {
+    let mut table = String::from(
+        "| scenario | measure | rhio | baseline | ratio | goal |\n|---|---|---|---|---|---|\n",
+    );
+    for (scenario, measure, value, baseline, ratio) in rows {
+        table.push_str(&format!(
+            "| {scenario} | {measure} | {value} | {baseline} | {ratio} | {} |\n",
+            goal(scenario, measure)
+        ));
+    }
+    table
+}
+
+/// Replaces what stands between the bench markers of `path` with this run's table, so no
+/// figure in BENCHMARKS.md is typed by hand.
+fn write_doc(path: &str, header: &str, table: &str) {
+    const START: &str = "<!-- bench:results:start -->";
+    const END: &str = "<!-- bench:results:end -->";
+    let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("read {path}: {err}"));
+    let (Some(start), Some(end)) = (text.find(START), text.find(END)) else {
+        panic!("{path} has no {START} ... {END} section");
+    };
+    let updated = format!(
+        "{}{START}\n{header}\n\n{table}{}",
+        &text[..start],
+        &text[end..]
+    );
+    std::fs::write(path, updated).unwrap_or_else(|err| panic!("write {path}: {err}"));
+    println!("results table written to {path}");
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -828,12 +899,21 @@ async fn burst(clusters: &Clusters, path: Path, count: usize, round: usize) -> f
             let elapsed = start.elapsed().as_secs_f64();
             tokio::time::sleep(Duration::from_millis(500)).await;
             // Exactly `count` more: nothing lost, nothing duplicated.
-            if stream_count(&b, in_stream(path)).await != target {
+            let settled = stream_count(&b, in_stream(path)).await;
+            if settled != target {
+                fail(format!(
+                    "burst {path:?} round {round}: {} messages arrived for {count} sent",
+                    settled - before
+                ));
                 return f64::NAN;
             }
             return count as f64 / elapsed;
         }
         if Instant::now() > deadline {
+            fail(format!(
+                "burst {path:?} round {round}: {} of {count} messages arrived in 300 s",
+                now - before
+            ));
             return f64::NAN;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -899,10 +979,11 @@ async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: u
     }
     let mut latencies = collector.await.unwrap();
     if (latencies.len() as u64) < total {
-        eprintln!(
-            "latency {path:?}: only {} of {total} messages arrived",
+        // Percentiles over what arrived would hide the loss.
+        fail(format!(
+            "latency {path:?} round {round}: only {} of {total} messages arrived",
             latencies.len()
-        );
+        ));
     }
     latencies.sort_by(|x, y| x.total_cmp(y));
     latencies
@@ -1171,6 +1252,7 @@ fn main() {
         let mut rhio_lat: Vec<Vec<f64>> = Vec::new();
         let mut bridge_lat: Vec<Vec<f64>> = Vec::new();
         let mut cpu_per_1000 = [Vec::new(), Vec::new()];
+        let failures_before = failure_count();
         for round in 0..settings.runs {
             let before: Vec<f64> = clusters
                 .nodes
@@ -1206,9 +1288,17 @@ fn main() {
         stop.cancel();
         let rhio_rate = median(rhio_rates.clone());
         let bridge_rate = median(bridge_rates.clone());
+        let lost = failure_count() - failures_before;
         rows.push((
             "messages".into(),
-            format!("sustained 1 KiB, {} msgs, zero loss", settings.burst),
+            if lost == 0 {
+                format!("sustained 1 KiB, {} msgs, zero loss", settings.burst)
+            } else {
+                format!(
+                    "sustained 1 KiB, {} msgs: FAILED, {lost} runs lost or duplicated messages",
+                    settings.burst
+                )
+            },
             format!("{rhio_rate:.0} msg/s"),
             format!("{bridge_rate:.0} msg/s"),
             format!("{:.2}x", rhio_rate / bridge_rate),
@@ -1279,11 +1369,8 @@ fn main() {
         }
     }
     println!();
-    println!("| scenario | measure | rhio | baseline | ratio |");
-    println!("|---|---|---|---|---|");
-    for (scenario, measure, value, baseline, ratio) in &rows {
-        println!("| {scenario} | {measure} | {value} | {baseline} | {ratio} |");
-    }
+    let table = markdown_table(&rows);
+    print!("{table}");
     let machine = json!({
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "quick": settings.quick,
@@ -1297,5 +1384,39 @@ fn main() {
         )
         .unwrap();
         println!("\nresults written to {path}");
+    }
+    let failures = FAILURES.lock().unwrap();
+    if let Some(path) = &settings.doc {
+        let commit = std::process::Command::new("git")
+            .args(["log", "-1", "--format=%h %s"])
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .unwrap_or_default();
+        let header = format!(
+            "Written by `./dev/bench` at commit `{commit}` ({} runs per scenario{}, {} cores){}",
+            settings.runs,
+            if settings.quick { ", --quick" } else { "" },
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            if failures.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ". FAILED: {} runs lost, duplicated or timed out",
+                    failures.len()
+                )
+            }
+        );
+        write_doc(path, &header, &table);
+    }
+    if !failures.is_empty() {
+        eprintln!(
+            "\nbench FAILED: {} runs lost, duplicated or timed out:",
+            failures.len()
+        );
+        for failure in failures.iter() {
+            eprintln!("  - {failure}");
+        }
+        std::process::exit(1);
     }
 }
