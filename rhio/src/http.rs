@@ -84,7 +84,7 @@ impl Routes {
             }
             "/health/live" => text(StatusCode::OK, "alive\n"),
             "/metrics" => {
-                let body = self.metrics.render(&self.status.snapshot());
+                let body = self.metrics.render(self.status.snapshot().gauges());
                 response(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",

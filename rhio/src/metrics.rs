@@ -10,7 +10,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::status::NodeStatus;
+/// State that `/metrics` mirrors as gauges, refreshed at each scrape (status hands it over:
+/// metrics does not depend on status).
+#[derive(Debug, Clone, Copy)]
+pub struct StateGauges {
+    pub nats_connected: bool,
+    pub s3_reachable: bool,
+    pub peers_known: usize,
+    pub peers_connected: usize,
+    pub uptime_secs: u64,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -283,13 +292,13 @@ impl Metrics {
             .sum()
     }
 
-    /// Refreshes the state gauges from `status` and renders the Prometheus text format.
-    pub fn render(&self, status: &NodeStatus) -> String {
-        self.nats_connected.set(status.nats.connected as i64);
-        self.s3_reachable.set(status.s3.reachable as i64);
-        self.peers_known.set(status.peers.known as i64);
-        self.peers_connected.set(status.peers.connected as i64);
-        self.uptime_seconds.set(status.uptime_secs as i64);
+    /// Refreshes the state gauges and renders the Prometheus text format.
+    pub fn render(&self, state: StateGauges) -> String {
+        self.nats_connected.set(state.nats_connected as i64);
+        self.s3_reachable.set(state.s3_reachable as i64);
+        self.peers_known.set(state.peers_known as i64);
+        self.peers_connected.set(state.peers_connected as i64);
+        self.uptime_seconds.set(state.uptime_secs as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

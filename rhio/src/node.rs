@@ -356,7 +356,7 @@ impl Node {
             nats.clone(),
             shutdown.clone(),
         ));
-        tasks.spawn(crate::nats::serve_status(
+        tasks.spawn(crate::status::serve_status(
             nats.clone(),
             status.clone(),
             metrics.clone(),

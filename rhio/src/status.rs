@@ -1,4 +1,9 @@
 //! The node's status as one JSON document, shared by `GET /health` and `rhio.status`.
+//!
+//! Status is the aggregator on top: each subsystem owns its status type (`NatsStatus` in
+//! `nats`, `NetworkStatus` and `PeerStatus` in `network`, `S3Status` in `s3`, transfers in
+//! `datasets`) and its counters in `metrics`; this module only collects them, answers
+//! `rhio.status`, and hands `/metrics` the state gauges. Nothing below imports it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -6,8 +11,13 @@ use std::time::Instant;
 use rhio_core::identity::PublicKey;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{Metrics, ReasonLabels};
-use crate::nats::NatsConnection;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, ReasonLabels, StateGauges};
+pub use crate::nats::NatsStatus;
+use crate::nats::{NatsConnection, STATUS_SUBJECT};
+pub use crate::network::NetworkStatus;
 use crate::network::{Network, PeerStatus};
 use crate::s3::S3Status;
 
@@ -65,21 +75,6 @@ pub struct RoutingStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NatsStatus {
-    pub endpoint: String,
-    pub connected: bool,
-    /// `connected`, `disconnected` or `pending` (never connected yet).
-    pub state: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetworkStatus {
-    pub network_id: String,
-    /// UDP sockets the QUIC endpoint is bound to.
-    pub bound_addresses: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeersStatus {
     pub known: usize,
     pub connected: usize,
@@ -89,6 +84,17 @@ pub struct PeersStatus {
 impl NodeStatus {
     pub fn is_ok(&self) -> bool {
         self.status == "ok"
+    }
+
+    /// The state gauges `/metrics` mirrors.
+    pub fn gauges(&self) -> StateGauges {
+        StateGauges {
+            nats_connected: self.nats.connected,
+            s3_reachable: self.s3.reachable,
+            peers_known: self.peers.known,
+            peers_connected: self.peers.connected,
+            uptime_secs: self.uptime_secs,
+        }
     }
 }
 
@@ -206,4 +212,34 @@ impl StatusSource {
             sessions_serving: sessions("serving"),
         }
     }
+}
+
+/// Answers `rhio.status` requests with the node status as JSON until `shutdown` fires.
+pub async fn serve_status(
+    nats: NatsConnection,
+    status: StatusSource,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut requests = match nats.client().subscribe(STATUS_SUBJECT).await {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            tracing::error!(%err, subject = STATUS_SUBJECT, "cannot subscribe; status service is off");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => request,
+        };
+        let Some(request) = request else { break };
+        let Some(reply) = request.reply else { continue };
+        let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
+        metrics.status_requests.inc();
+        if let Err(err) = nats.client().publish(reply, body.into()).await {
+            tracing::warn!(%err, "cannot answer rhio.status request");
+        }
+    }
+    let _ = requests.unsubscribe().await;
 }

@@ -222,18 +222,36 @@ fn a_restart_after_the_duplicate_window_republishes_nothing() {
     let mut node_b = RhioNode::start(b.clone());
     node_b.wait_peers_connected(1);
     let rt = runtime();
-    let count = 4000;
+    // Enough that delivery takes seconds, so B is frozen in the middle of it.
+    let count = 20_000;
     rt.block_on(js_publish(
         &env.clusters[0].nats_url,
-        (0..count).map(|i| message("burst.x", i, 512)),
+        (0..count).map(|i| message("burst.x", i, 128)),
     ));
-    // Kill while messages are being delivered (published, acked, not all positions written).
+    // Freeze B while it delivers (SIGSTOP: what it published is stored by JetStream, but the
+    // positions of the batch in flight are never written), then kill it.
     rt.block_on(stream_messages(
         &env.clusters[1].nats_url,
         "IN",
         1000,
         Duration::from_secs(120),
     ));
+    node_b.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    let frozen = rt.block_on(stream_messages(
+        &env.clusters[1].nats_url,
+        "IN",
+        1000,
+        Duration::from_secs(5),
+    ));
+    println!(
+        "B frozen with {} of {count} messages in its stream",
+        frozen.len()
+    );
+    assert!(
+        frozen.len() < count,
+        "delivery finished before B was frozen"
+    );
     node_b.signal(libc::SIGKILL);
     node_b.wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(3));

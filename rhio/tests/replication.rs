@@ -465,11 +465,10 @@ fn datasets_of_an_author_are_not_replicated_without_a_matching_subscription() {
     );
 }
 
-/// Fault: the receiving cluster's S3 is down for 20 s in the middle of a replication. The
-/// transfer pauses, resumes when S3 is back, and the version arrives byte-identical, announced
-/// once.
-#[test]
-fn the_receivers_s3_down_for_20_s_mid_replication_loses_nothing() {
+/// Stops the S3 server `service` (`s3-a`: the serving cluster's, `s3-b`: the receiving
+/// cluster's) for 20 s in the middle of a replication A -> B: the transfer pauses, resumes when
+/// S3 is back, and the version arrives byte-identical, announced once.
+fn s3_outage_mid_replication(service: &str) {
     let env = LocalEnv::up(2);
     let dirs = dirs();
     let file = dirs.root.join("outage.parquet");
@@ -485,15 +484,16 @@ fn the_receivers_s3_down_for_20_s_mid_replication_loses_nothing() {
         let done = transfer["parts_done"].as_u64()?;
         (done >= 2).then(|| (done, transfer["parts_total"].as_u64().unwrap()))
     });
-    env.stop("s3-b");
+    env.stop(service);
     std::thread::sleep(Duration::from_secs(20));
-    env.start("s3-b");
+    env.start(service);
     let back = Instant::now();
     let got = announcements(&env.clusters[1], 1);
     println!(
-        "fault s3-b down 20 s at part {done}/{total}: recovered {:.1} s after S3 returned, 0 bytes lost",
+        "fault {service} down 20 s at part {done}/{total}: recovered {:.1} s after S3 returned, 0 bytes lost",
         back.elapsed().as_secs_f64()
     );
+    assert!(done < total, "the transfer finished before the outage");
     assert_copy(&env.clusters[1], &got[0].0, &file);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -504,6 +504,16 @@ fn the_receivers_s3_down_for_20_s_mid_replication_loses_nothing() {
     let (code, health) = node_b.health().unwrap();
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["datasets"]["announcements_pending"], 0, "{health}");
+}
+
+#[test]
+fn the_receivers_s3_down_for_20_s_mid_replication_loses_nothing() {
+    s3_outage_mid_replication("s3-b");
+}
+
+#[test]
+fn the_serving_clusters_s3_down_for_20_s_mid_transfer_loses_nothing() {
+    s3_outage_mid_replication("s3-a");
 }
 
 /// Fault: the serving node dies (SIGKILL) in the middle of a transfer while a third cluster

@@ -5,7 +5,6 @@
 //! `retry_on_initial_connect`, so subscriptions made before the server is reachable are sent as
 //! soon as it is, and every later disconnect is retried with capped exponential backoff.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, ServerAddr};
@@ -14,8 +13,14 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsAuth, NatsConfig};
-use crate::metrics::Metrics;
-use crate::status::{NatsStatus, StatusSource};
+/// What status reports about the NATS connection.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NatsStatus {
+    pub endpoint: String,
+    pub connected: bool,
+    /// `connected`, `disconnected` or `pending` (never connected yet).
+    pub state: String,
+}
 
 /// Subject of the status request/reply service.
 pub const STATUS_SUBJECT: &str = "rhio.status";
@@ -187,36 +192,6 @@ pub async fn warn_about_captured_services(nats: NatsConnection, shutdown: Cancel
             }
         }
     }
-}
-
-/// Answers `rhio.status` requests with the node status as JSON until `shutdown` fires.
-pub async fn serve_status(
-    nats: NatsConnection,
-    status: StatusSource,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut requests = match nats.client.subscribe(STATUS_SUBJECT).await {
-        Ok(subscriber) => subscriber,
-        Err(err) => {
-            tracing::error!(%err, subject = STATUS_SUBJECT, "cannot subscribe; status service is off");
-            return;
-        }
-    };
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            request = requests.next() => request,
-        };
-        let Some(request) = request else { break };
-        let Some(reply) = request.reply else { continue };
-        let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
-        metrics.status_requests.inc();
-        if let Err(err) = nats.client.publish(reply, body.into()).await {
-            tracing::warn!(%err, "cannot answer rhio.status request");
-        }
-    }
-    let _ = requests.unsubscribe().await;
 }
 
 #[cfg(test)]

@@ -29,7 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{KnownNode, NetworkConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::status::NetworkStatus;
+/// What status reports about the QUIC endpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NetworkStatus {
+    pub network_id: String,
+    /// UDP sockets the QUIC endpoint is bound to.
+    pub bound_addresses: Vec<String>,
+}
 
 pub use hello::HELLO_ALPN;
 
