@@ -1,5 +1,7 @@
-//! The cluster's S3 store: client construction, the start-up bucket check and a background probe
-//! that keeps `/health` honest.
+//! The cluster's S3 store, in one place: client construction with timeouts, every object key rhio
+//! writes ([`keys`]), the calls import and replication make (ranged reads, sidecar writes, one
+//! multipart upload API), the start-up bucket check and a background probe that keeps `/health`
+//! honest.
 //!
 //! A bucket that does not exist (and may not be created) is a configuration error and stops the
 //! node at start. An S3 server that is merely unreachable is not: the node starts degraded, keeps
@@ -14,6 +16,8 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -157,10 +161,6 @@ impl S3Store {
         })
     }
 
-    pub fn client(&self) -> &aws_sdk_s3::Client {
-        &self.client
-    }
-
     pub fn bucket(&self) -> &str {
         &self.config.bucket
     }
@@ -224,8 +224,112 @@ impl S3Store {
             .await
     }
 
+    /// Writes a whole object (sidecars: manifests, outboards).
+    pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
+        self.client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|err| describe(&err))
+    }
+
+    /// Starts a multipart upload of a Parquet object; returns its upload id. The object
+    /// appears only when [`S3Store::complete_upload`] succeeds. Import and replication both
+    /// write through these four calls.
+    pub async fn create_upload(&self, key: &str) -> Result<String, String> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .content_type("application/vnd.apache.parquet")
+            .send()
+            .await
+            .map_err(|err| describe(&err))?;
+        created
+            .upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| "S3 answered without an upload id".to_string())
+    }
+
+    /// Uploads part `number` (from 1); returns its ETag.
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        body: Vec<u8>,
+    ) -> Result<String, String> {
+        let uploaded = self
+            .client
+            .upload_part()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|err| describe(&err))?;
+        Ok(uploaded.e_tag().unwrap_or_default().to_string())
+    }
+
+    /// Completes an upload from its parts, (number, ETag) in order.
+    pub async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<(), String> {
+        let parts = parts
+            .iter()
+            .map(|(number, etag)| {
+                CompletedPart::builder()
+                    .part_number(*number as i32)
+                    .e_tag(etag)
+                    .build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|err| describe(&err))
+    }
+
+    /// Aborts an upload (its parts are dropped by S3).
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), String> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|err| describe(&err))
+    }
+
     /// True when `key` exists.
     pub async fn exists(&self, key: &str) -> Result<bool, String> {
+        Ok(self.object_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    pub async fn object_size(&self, key: &str) -> Result<Option<u64>, String> {
         match self
             .client
             .head_object()
@@ -234,8 +338,8 @@ impl S3Store {
             .send()
             .await
         {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(err)) if err.err().is_not_found() => Ok(false),
+            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Err(SdkError::ServiceError(err)) if err.err().is_not_found() => Ok(None),
             Err(err) => Err(describe(&err)),
         }
     }

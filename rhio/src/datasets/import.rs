@@ -15,8 +15,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures::StreamExt;
 use rhio_core::identity::PublicKey;
@@ -475,21 +473,12 @@ impl Importer {
                     "{path} is one of rhio's own objects"
                 )));
             }
-            let head = self
+            let len = self
                 .s3
-                .client()
-                .head_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
+                .object_size(key)
                 .await
-                .map_err(|err| match err.as_service_error() {
-                    Some(service) if service.is_not_found() => {
-                        ImportError::NotFound(path.to_string())
-                    }
-                    _ => ImportError::StorageUnavailable(crate::s3::describe(&err)),
-                })?;
-            let len = head.content_length().unwrap_or(0).max(0) as u64;
+                .map_err(ImportError::StorageUnavailable)?
+                .ok_or_else(|| ImportError::NotFound(path.to_string()))?;
             return Ok(Source::S3 {
                 key: key.to_string(),
                 len,
@@ -652,15 +641,12 @@ impl Importer {
 
     async fn put_manifest_sidecar(&self, manifest: &DatasetManifest) -> Result<(), ImportError> {
         self.s3
-            .client()
-            .put_object()
-            .bucket(self.s3.bucket())
-            .key(keys::manifest(&manifest.dataset, None, manifest.version))
-            .body(ByteStream::from(manifest.encode()))
-            .send()
+            .put(
+                &keys::manifest(&manifest.dataset, None, manifest.version),
+                manifest.encode(),
+            )
             .await
-            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-        Ok(())
+            .map_err(ImportError::StorageUnavailable)
     }
 
     /// The steps after signing a version: its manifest sidecar, its blobs in the index, its
@@ -846,15 +832,9 @@ impl Importer {
         outboard: Vec<u8>,
     ) -> Result<(), ImportError> {
         self.s3
-            .client()
-            .put_object()
-            .bucket(self.s3.bucket())
-            .key(keys::outboard(hash))
-            .body(ByteStream::from(outboard))
-            .send()
+            .put(&keys::outboard(hash), outboard)
             .await
-            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-        Ok(())
+            .map_err(ImportError::StorageUnavailable)
     }
 
     async fn progress(&self, dataset: &str, done: u64, total: u64) {
@@ -975,12 +955,13 @@ struct MultipartUpload<'a> {
     state: &'a super::transfers::TransferState,
     key: String,
     upload_id: String,
+    /// Parts being uploaded: (number, ETag) when done.
     in_flight: futures::stream::FuturesOrdered<
-        tokio::task::JoinHandle<Result<CompletedPart, ImportError>>,
+        tokio::task::JoinHandle<Result<(u32, String), ImportError>>,
     >,
-    done: Vec<CompletedPart>,
+    done: Vec<(u32, String)>,
     concurrency: usize,
-    next_part: i32,
+    next_part: u32,
 }
 
 impl<'a> MultipartUpload<'a> {
@@ -990,19 +971,10 @@ impl<'a> MultipartUpload<'a> {
         key: &str,
         concurrency: usize,
     ) -> Result<Self, ImportError> {
-        let created = s3
-            .client()
-            .create_multipart_upload()
-            .bucket(s3.bucket())
-            .key(key)
-            .content_type("application/vnd.apache.parquet")
-            .send()
+        let upload_id = s3
+            .create_upload(key)
             .await
-            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| ImportError::StorageUnavailable("no upload id".into()))?
-            .to_string();
+            .map_err(ImportError::StorageUnavailable)?;
         if let Err(err) = state.start_import_upload(key, &upload_id).await {
             tracing::warn!(%err, key, "cannot record an import upload; a crash would leave it behind");
         }
@@ -1026,27 +998,17 @@ impl<'a> MultipartUpload<'a> {
         while self.in_flight.len() >= self.concurrency {
             self.collect_one().await?;
         }
-        let client = self.s3.client().clone();
-        let bucket = self.s3.bucket().to_string();
+        let s3 = self.s3.clone();
         let key = self.key.clone();
         let upload_id = self.upload_id.clone();
         let number = self.next_part;
         self.next_part += 1;
         self.in_flight.push_back(tokio::spawn(async move {
-            let uploaded = client
-                .upload_part()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .body(ByteStream::from(data))
-                .send()
+            let etag = s3
+                .upload_part(&key, &upload_id, number, data)
                 .await
-                .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
-            Ok(CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(uploaded.e_tag().map(str::to_string))
-                .build())
+                .map_err(ImportError::StorageUnavailable)?;
+            Ok((number, etag))
         }));
         Ok(())
     }
@@ -1066,21 +1028,10 @@ impl<'a> MultipartUpload<'a> {
                 return Err(err);
             }
         }
-        let parts = std::mem::take(&mut self.done);
         self.s3
-            .client()
-            .complete_multipart_upload()
-            .bucket(self.s3.bucket())
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
+            .complete_upload(&self.key, &self.upload_id, &self.done)
             .await
-            .map_err(|err| ImportError::StorageUnavailable(crate::s3::describe(&err)))?;
+            .map_err(ImportError::StorageUnavailable)?;
         self.forget().await;
         Ok(())
     }
@@ -1098,26 +1049,15 @@ impl<'a> MultipartUpload<'a> {
     async fn abort(&mut self) {
         while self.in_flight.next().await.is_some() {}
         // Forgotten only once S3 confirmed: otherwise the next start aborts it.
-        if abort_upload(self.s3, &self.key, &self.upload_id)
+        if self
+            .s3
+            .abort_upload(&self.key, &self.upload_id)
             .await
             .is_ok()
         {
             self.forget().await;
         }
     }
-}
-
-/// Aborts a multipart upload.
-pub(crate) async fn abort_upload(s3: &S3Store, key: &str, upload_id: &str) -> Result<(), String> {
-    s3.client()
-        .abort_multipart_upload()
-        .bucket(s3.bucket())
-        .key(key)
-        .upload_id(upload_id)
-        .send()
-        .await
-        .map(|_| ())
-        .map_err(|err| crate::s3::describe(&err))
 }
 
 /// Aborts the uploads of imports a crash abandoned: `uploads` is what
@@ -1130,7 +1070,7 @@ pub async fn sweep_abandoned_uploads(
     uploads: Vec<(String, String)>,
 ) {
     for (key, upload_id) in uploads {
-        match abort_upload(&s3, &key, &upload_id).await {
+        match s3.abort_upload(&key, &upload_id).await {
             Ok(()) => {
                 tracing::info!(key, "aborted the upload of an import a crash left behind");
                 let _ = state.end_import_upload(&key, &upload_id).await;

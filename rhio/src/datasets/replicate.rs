@@ -21,8 +21,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bao_tree::io::outboard::PostOrderMemOutboard;
 use bao_tree::io::sync::OutboardMut;
 use bao_tree::{BaoTree, TreeNode};
@@ -535,7 +533,11 @@ impl Replicator {
         let upload_id = match self.state.transfer(&id).await? {
             Some((stored_key, upload_id)) if stored_key == key => upload_id,
             _ => {
-                let upload_id = self.create_upload(&key).await?;
+                let upload_id = self
+                    .s3
+                    .create_upload(&key)
+                    .await
+                    .map_err(ReplicationError::Storage)?;
                 self.state.start_transfer(&id, &key, &upload_id).await?;
                 upload_id
             }
@@ -616,41 +618,14 @@ impl Replicator {
             }
             Err(ReplicationError::FileHash { .. }) => {
                 // The parts verified but the whole does not: start over from scratch.
-                self.abort_upload(&key, &upload_id).await;
+                if let Err(err) = self.s3.abort_upload(&key, &upload_id).await {
+                    tracing::warn!(%key, %err, "cannot abort the upload of a mismatched version");
+                }
                 self.state.drop_transfer(&id).await?;
             }
             Err(_) => {}
         }
         result
-    }
-
-    async fn create_upload(&self, key: &str) -> Result<String, ReplicationError> {
-        let created = self
-            .s3
-            .client()
-            .create_multipart_upload()
-            .bucket(self.s3.bucket())
-            .key(key)
-            .content_type("application/vnd.apache.parquet")
-            .send()
-            .await
-            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
-        created
-            .upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| ReplicationError::Storage("no upload id".into()))
-    }
-
-    async fn abort_upload(&self, key: &str, upload_id: &str) {
-        let _ = self
-            .s3
-            .client()
-            .abort_multipart_upload()
-            .bucket(self.s3.bucket())
-            .key(key)
-            .upload_id(upload_id)
-            .send()
-            .await;
     }
 
     /// Copies the failed versions into the status.
@@ -823,49 +798,24 @@ impl Transfer<'_> {
             });
         }
         let s3 = &self.replicator.s3;
-        let completed = s3
-            .client()
-            .complete_multipart_upload()
-            .bucket(s3.bucket())
-            .key(self.key)
-            .upload_id(self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(
-                        parts
-                            .iter()
-                            .map(|p| {
-                                CompletedPart::builder()
-                                    .part_number(p.number as i32)
-                                    .e_tag(&p.etag)
-                                    .build()
-                            })
-                            .collect(),
-                    ))
-                    .build(),
-            )
-            .send()
-            .await;
-        if let Err(err) = completed {
+        let numbered: Vec<(u32, String)> =
+            parts.iter().map(|p| (p.number, p.etag.clone())).collect();
+        if let Err(err) = s3
+            .complete_upload(self.key, self.upload_id, &numbered)
+            .await
+        {
             // Completed before a crash, but not yet recorded: the object is there, verified.
-            let err = crate::s3::describe(&err);
             if !s3.exists(self.key).await.unwrap_or(false) {
                 return Err(ReplicationError::Storage(err));
             }
         }
         self.store_outboards(plan).await?;
-        s3.client()
-            .put_object()
-            .bucket(s3.bucket())
-            .key(keys::manifest(
-                &self.id.dataset,
-                Some(&self.id.author),
-                self.id.version,
-            ))
-            .body(ByteStream::from(self.manifest.encode()))
-            .send()
-            .await
-            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+        s3.put(
+            &keys::manifest(&self.id.dataset, Some(&self.id.author), self.id.version),
+            self.manifest.encode(),
+        )
+        .await
+        .map_err(ReplicationError::Storage)?;
         // Available and queued for announcement in one step: the outbox announces it until
         // JetStream acknowledges, also across a crash or a NATS outage.
         let announcement = super::transfers::Announcement {
@@ -899,14 +849,9 @@ impl Transfer<'_> {
                 Some(outboard) => outboard,
                 None => self.outboard_from_object(blob, hash).await?,
             };
-            s3.client()
-                .put_object()
-                .bucket(s3.bucket())
-                .key(keys::outboard(&hash))
-                .body(ByteStream::from(outboard))
-                .send()
+            s3.put(&keys::outboard(&hash), outboard)
                 .await
-                .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+                .map_err(ReplicationError::Storage)?;
         }
         Ok(())
     }
@@ -996,21 +941,15 @@ impl Transfer<'_> {
         })
         .await
         .map_err(|err| ReplicationError::Internal(err.to_string()))?;
-        let s3 = &self.replicator.s3;
-        let uploaded = s3
-            .client()
-            .upload_part()
-            .bucket(s3.bucket())
-            .key(self.key)
-            .upload_id(self.upload_id)
-            .part_number(part.number as i32)
-            .body(ByteStream::from(bytes))
-            .send()
+        let etag = self
+            .replicator
+            .s3
+            .upload_part(self.key, self.upload_id, part.number, bytes)
             .await
-            .map_err(|err| ReplicationError::Storage(crate::s3::describe(&err)))?;
+            .map_err(ReplicationError::Storage)?;
         let done = DonePart {
             number: part.number,
-            etag: uploaded.e_tag().unwrap_or_default().to_string(),
+            etag,
             hash,
             wire_bytes,
         };
