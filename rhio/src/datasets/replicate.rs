@@ -141,16 +141,65 @@ impl Transfers {
     }
 }
 
-/// One peer's connection slot: its lock is held while connecting to that peer only, so a dead
-/// peer (a connect waits up to [`CONNECT_TIMEOUT`]) never holds up fetches from the others.
-type PeerSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+/// Connections by peer, each in its own slot: a slot's lock is held while connecting to that
+/// peer only, so a dead peer (a connect waits up to [`CONNECT_TIMEOUT`]) never holds up fetches
+/// from the others. Generic over the connection so the locking is tested without sockets.
+struct PeerSlots<C> {
+    slots: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Option<C>>>>>,
+}
+
+impl<C: Clone> Default for PeerSlots<C> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<C: Clone> PeerSlots<C> {
+    fn slot(&self, peer: PublicKey) -> Arc<tokio::sync::Mutex<Option<C>>> {
+        self.slots
+            .lock()
+            .expect("peer slots lock")
+            .entry(peer)
+            .or_default()
+            .clone()
+    }
+
+    /// The open connection to `peer` (`usable` says whether a stored one still is), or a new
+    /// one from `connect`.
+    async fn get<F>(
+        &self,
+        peer: PublicKey,
+        usable: impl Fn(&C) -> bool,
+        connect: F,
+    ) -> Result<C, String>
+    where
+        F: std::future::Future<Output = Result<C, String>>,
+    {
+        let slot = self.slot(peer);
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && usable(connection)
+        {
+            return Ok(connection.clone());
+        }
+        let connection = connect.await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn forget(&self, peer: PublicKey) {
+        *self.slot(peer).lock().await = None;
+    }
+}
 
 /// QUIC connections to peers for blob requests, and which peers are cooling down.
 #[derive(Clone)]
 struct PeerConnections {
     network: Network,
     known: Vec<PublicKey>,
-    connections: Arc<Mutex<HashMap<PublicKey, PeerSlot>>>,
+    connections: Arc<PeerSlots<Connection>>,
     cooldown: Arc<Mutex<HashMap<PublicKey, Instant>>>,
 }
 
@@ -170,39 +219,25 @@ impl PeerConnections {
             .insert(peer, Instant::now() + PEER_COOLDOWN);
     }
 
-    fn slot(&self, peer: PublicKey) -> PeerSlot {
-        self.connections
-            .lock()
-            .expect("connections lock")
-            .entry(peer)
-            .or_default()
-            .clone()
-    }
-
     async fn connection(&self, peer: PublicKey) -> Result<Connection, String> {
-        let slot = self.slot(peer);
-        let mut slot = slot.lock().await;
-        if let Some(connection) = slot.as_ref()
-            && connection.close_reason().is_none()
-        {
-            return Ok(connection.clone());
-        }
-        let connection = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.network
-                .endpoint()
-                .connect(peer.verifying_key(), BLOBS_ALPN),
-        )
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|err| format!("connect: {err}"))?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+        let connect = async {
+            tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                self.network
+                    .endpoint()
+                    .connect(peer.verifying_key(), BLOBS_ALPN),
+            )
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|err| format!("connect: {err}"))
+        };
+        self.connections
+            .get(peer, |c| c.close_reason().is_none(), connect)
+            .await
     }
 
     async fn forget(&self, peer: &PublicKey) {
-        let slot = self.slot(*peer);
-        *slot.lock().await = None;
+        self.connections.forget(*peer).await;
     }
 }
 
@@ -1069,5 +1104,49 @@ impl Transfer<'_> {
             .known
             .iter()
             .all(|peer| bad.contains(&(*peer, hash)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhio_core::identity::PrivateKey;
+
+    #[tokio::test]
+    async fn a_peer_whose_connect_never_ends_does_not_hold_up_the_others() {
+        let slots = Arc::new(PeerSlots::<u32>::default());
+        let dead = PrivateKey::generate().public_key();
+        let alive = PrivateKey::generate().public_key();
+        let stuck = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .get(
+                        dead,
+                        |_| true,
+                        std::future::pending::<Result<u32, String>>(),
+                    )
+                    .await
+            })
+        };
+        // The connect to the dead peer is under way and holds its slot.
+        while slots.slot(dead).try_lock().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        // A deadlock guard, not a speed limit: with one lock for all peers this never returns.
+        let other = tokio::time::timeout(
+            Duration::from_secs(10),
+            slots.get(alive, |_| true, async { Ok(7) }),
+        )
+        .await
+        .expect("a connect to another peer is not held up");
+        assert_eq!(other, Ok(7));
+        // A stored connection is reused, one that is no longer usable replaced.
+        assert_eq!(slots.get(alive, |_| true, async { Ok(8) }).await, Ok(7));
+        assert_eq!(slots.get(alive, |_| false, async { Ok(9) }).await, Ok(9));
+        slots.forget(alive).await;
+        assert_eq!(slots.get(alive, |_| true, async { Ok(10) }).await, Ok(10));
+        assert!(!stuck.is_finished());
+        stuck.abort();
     }
 }
