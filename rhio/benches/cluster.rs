@@ -101,6 +101,60 @@ fn goal(scenario: &str, measure: &str) -> &'static str {
     }
 }
 
+/// Whether a row meets its goal: goals in `x` compare the ratio column, others the figure.
+/// `None` when the row has no goal or a figure is not a number (a failed run).
+fn goal_met(row: &(String, String, String, String, String)) -> Option<bool> {
+    let goal = goal(&row.0, &row.1);
+    let number = |text: &str| -> Option<f64> {
+        let digits: String = text
+            .trim()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+            .filter(|c| *c != ',')
+            .collect();
+        digits.parse().ok().filter(|v: &f64| v.is_finite())
+    };
+    let (at_least, threshold) = match goal.split_once(' ')? {
+        (">=", rest) => (true, rest),
+        ("<=", rest) => (false, rest),
+        _ => return None,
+    };
+    let figure = if threshold.ends_with('x') {
+        &row.4
+    } else {
+        &row.2
+    };
+    let (value, limit) = (number(figure)?, number(threshold)?);
+    Some(if at_least {
+        value >= limit
+    } else {
+        value <= limit
+    })
+}
+
+/// The individual runs of the interleaved scenarios, as one line.
+fn runs_line(results: &serde_json::Map<String, Value>) -> String {
+    let mut parts = Vec::new();
+    for (key, label, unit) in [
+        ("import_runs", "import rhio", "MiB/s"),
+        ("import_baseline_runs", "import baseline", "MiB/s"),
+        ("replication_runs", "replication rhio", "MiB/s"),
+        ("replication_rclone_runs", "rclone", "MiB/s"),
+        ("replication_sdk_runs", "SDK copy", "MiB/s"),
+        ("messages_runs", "sustained messages rhio", "msg/s"),
+        ("bridge_runs", "bridge", "msg/s"),
+    ] {
+        if let Some(runs) = results.get(key).and_then(Value::as_array) {
+            let runs: Vec<String> = runs
+                .iter()
+                .map(|v| v.as_f64().map_or("failed".into(), |v| format!("{v:.1}")))
+                .collect();
+            parts.push(format!("{label} {} {unit}", runs.join(" / ")));
+        }
+    }
+    format!("Individual runs: {}.", parts.join("; "))
+}
+
 /// The results table as Markdown, with the goal of each row.
 fn markdown_table(rows: &[(String, String, String, String, String)]) -> String {
     let mut table = String::from(
@@ -1380,7 +1434,7 @@ fn main() {
     if let Some(path) = settings.json {
         std::fs::write(
             &path,
-            serde_json::to_string_pretty(&Value::Object(results)).unwrap(),
+            serde_json::to_string_pretty(&Value::Object(results.clone())).unwrap(),
         )
         .unwrap();
         println!("\nresults written to {path}");
@@ -1393,8 +1447,18 @@ fn main() {
             .ok()
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
             .unwrap_or_default();
+        let missed: Vec<String> = rows
+            .iter()
+            .filter(|row| goal_met(row) == Some(false))
+            .map(|row| format!("{} ({}, goal {})", row.1, row.2, goal(&row.0, &row.1)))
+            .collect();
+        let goals = if missed.is_empty() {
+            "Every goal in the table is met in this run.".to_string()
+        } else {
+            format!("Goals missed in this run: {}.", missed.join("; "))
+        };
         let header = format!(
-            "Written by `./dev/bench` at commit `{commit}` ({} runs per scenario{}, {} cores){}",
+            "Written by `./dev/bench` at commit `{commit}` ({} runs per scenario{}, {} cores){}.\n\n{}\n\n{goals}",
             settings.runs,
             if settings.quick { ", --quick" } else { "" },
             std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -1405,7 +1469,8 @@ fn main() {
                     ". FAILED: {} runs lost, duplicated or timed out",
                     failures.len()
                 )
-            }
+            },
+            runs_line(&results),
         );
         write_doc(path, &header, &table);
     }

@@ -11,7 +11,6 @@ use std::time::Instant;
 use rhio_core::identity::PublicKey;
 use serde::{Deserialize, Serialize};
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, ReasonLabels, StateGauges};
@@ -221,25 +220,10 @@ pub async fn serve_status(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut requests = match nats.client().subscribe(STATUS_SUBJECT).await {
-        Ok(subscriber) => subscriber,
-        Err(err) => {
-            tracing::error!(%err, subject = STATUS_SUBJECT, "cannot subscribe; status service is off");
-            return;
-        }
-    };
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            request = requests.next() => request,
-        };
-        let Some(request) = request else { break };
-        let Some(reply) = request.reply else { continue };
-        let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
+    crate::nats::serve_requests(nats.client().clone(), STATUS_SUBJECT, shutdown, |_| {
         metrics.status_requests.inc();
-        if let Err(err) = nats.client().publish(reply, body.into()).await {
-            tracing::warn!(%err, "cannot answer rhio.status request");
-        }
-    }
-    let _ = requests.unsubscribe().await;
+        let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
+        std::future::ready(body)
+    })
+    .await;
 }

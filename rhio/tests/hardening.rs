@@ -10,7 +10,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use common::{
     LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, runtime,
-    stream_messages, subscribe_toml, wait_for,
+    stream_messages, wait_for,
 };
 use rhio_core::message::{HEADER_MSG_ID, verify_provenance};
 
@@ -52,31 +52,23 @@ async fn jetstream_of(nats_url: &str) -> jetstream::Context {
     )
 }
 
-/// Two clusters: A publishes `published` (stream OUT), B subscribes to A on `subscribed` into
-/// the stream IN, which the test creates itself with `stream` (B may not create or change it).
+/// Two clusters (see `common::pair`) whose stream IN in B the test creates itself with
+/// `stream`: B may not create or change it.
 fn pair_with_stream(
     published: &[&str],
     subscribed: &[&str],
     stream: jetstream::stream::Config,
-) -> (LocalEnv, [tempfile::TempDir; 2], NodeSpec, NodeSpec, String) {
-    let env = LocalEnv::up(2);
+) -> common::Pair {
+    let mut pair = common::pair(published, subscribed);
     runtime().block_on(async {
-        jetstream_of(&env.clusters[1].nats_url)
+        jetstream_of(&pair.env.clusters[1].nats_url)
             .await
             .create_stream(stream)
             .await
             .expect("create IN");
     });
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
-    let key_a = a.public_key();
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
-    a.extra = publish_toml(published, "OUT");
-    b.extra = subscribe_toml(&key_a, subscribed, "IN");
-    b.create_streams = false;
-    (env, dirs, a, b, key_a)
+    pair.b.create_streams = false;
+    pair
 }
 
 /// Defect: a message the receiving JetStream refused was retried forever and blocked every log
@@ -84,7 +76,13 @@ fn pair_with_stream(
 /// moves what its JetStream can never take aside (dead letter) and delivers everything else.
 #[test]
 fn a_message_jetstream_refuses_is_dead_lettered_and_1000_behind_it_arrive_in_order() {
-    let (env, _dirs, a, b, key_a) = pair_with_stream(
+    let common::Pair {
+        env,
+        _dirs,
+        a,
+        b,
+        key_a,
+    } = pair_with_stream(
         &["poison.>", "stray.>"],
         &["poison.>", "stray.>"],
         jetstream::stream::Config {
@@ -168,15 +166,15 @@ fn a_message_jetstream_refuses_is_dead_lettered_and_1000_behind_it_arrive_in_ord
 /// deleted each other's consumer: messages were lost and reordered across a restart.
 #[test]
 fn two_publish_entries_on_one_stream_lose_nothing_across_a_restart() {
-    let env = LocalEnv::up(2);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
-    let key_a = a.public_key();
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
-    a.extra = publish_toml(&["r1.>"], "OUT") + &publish_toml(&["r2.>"], "OUT");
-    b.extra = subscribe_toml(&key_a, &["r1.>", "r2.>"], "IN");
+    // Bound, not dropped: the node data dirs must outlive the nodes.
+    let common::Pair {
+        env,
+        _dirs,
+        mut a,
+        b,
+        ..
+    } = common::pair(&["r1.>"], &["r1.>", "r2.>"]);
+    a.extra += &publish_toml(&["r2.>"], "OUT");
     let mut node_a = RhioNode::start(a.clone());
     let node_b = RhioNode::start(b);
     node_b.wait_peers_connected(1);
@@ -208,7 +206,13 @@ fn two_publish_entries_on_one_stream_lose_nothing_across_a_restart() {
 /// Here the window is 1 s and the receiver is killed mid-burst and restarted after 3 s.
 #[test]
 fn a_restart_after_the_duplicate_window_republishes_nothing() {
-    let (env, _dirs, a, b, key_a) = pair_with_stream(
+    let common::Pair {
+        env,
+        _dirs,
+        a,
+        b,
+        key_a,
+    } = pair_with_stream(
         &["burst.>"],
         &["burst.>"],
         jetstream::stream::Config {
@@ -520,15 +524,9 @@ fn twenty_concurrent_imports_are_each_answered() {
 /// after the reconnect and every message reaches the other cluster once, in order.
 #[test]
 fn the_authors_nats_restarting_between_publishes_loses_nothing() {
-    let env = LocalEnv::up(2);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
-    let key_a = a.public_key();
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
-    a.extra = publish_toml(&["news.>"], "OUT");
-    b.extra = subscribe_toml(&key_a, &["news.>"], "IN");
+    let common::Pair {
+        env, _dirs, a, b, ..
+    } = common::pair(&["news.>"], &["news.>"]);
     let node_a = RhioNode::start(a);
     let node_b = RhioNode::start(b);
     node_b.wait_peers_connected(1);
@@ -559,4 +557,39 @@ fn the_authors_nats_restarting_between_publishes_loses_nothing() {
     assert_eq!(messages.len(), 400);
     assert_eq!(seqs_on(&messages, "news.x"), (0..400).collect::<Vec<_>>());
     assert_eq!(metric(&node_a, "rhio_operations_signed_total"), 400.0);
+}
+
+/// `rhio.retry` answers with the documented codes: a malformed request is `bad_request`, a
+/// version that is not recorded as failed is `not_failed`.
+#[test]
+fn retry_requests_are_answered_with_their_error_codes() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
+    node.wait_healthy();
+    let author = rhio_core::identity::PrivateKey::generate().public_key();
+    let rt = runtime();
+    let ask = |body: String| -> serde_json::Value {
+        rt.block_on(async {
+            let client = async_nats::connect(&env.clusters[0].nats_url)
+                .await
+                .unwrap();
+            let reply = client
+                .request("rhio.retry", body.into())
+                .await
+                .expect("rhio.retry answers");
+            serde_json::from_slice(&reply.payload).unwrap()
+        })
+    };
+    let bad = ask("not json".into());
+    assert_eq!(bad["error"]["code"], "bad_request", "{bad}");
+    let unknown = ask(format!(
+        r#"{{"author": "{author}", "dataset": "weather", "version": 3}}"#
+    ));
+    assert_eq!(unknown["ok"], false, "{unknown}");
+    assert_eq!(unknown["error"]["code"], "not_failed", "{unknown}");
+    assert_eq!(
+        node.health().unwrap().1["datasets"]["failed"],
+        serde_json::json!([])
+    );
 }

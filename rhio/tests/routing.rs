@@ -108,32 +108,9 @@ fn assert_routed(
     }
 }
 
-struct Pair {
-    env: LocalEnv,
-    _dirs: [tempfile::TempDir; 2],
-    a: NodeSpec,
-    b: NodeSpec,
-    key_a: String,
-}
-
 /// Cluster A publishes `subjects` (stream OUT); cluster B subscribes to A on them (stream IN).
-fn pair(subjects: &[&str]) -> Pair {
-    let env = LocalEnv::up(2);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
-    let key_a = a.public_key();
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
-    a.extra = publish_toml(subjects, "OUT");
-    b.extra = subscribe_toml(&key_a, subjects, "IN");
-    Pair {
-        env,
-        _dirs: dirs,
-        a,
-        b,
-        key_a,
-    }
+fn pair(subjects: &[&str]) -> common::Pair {
+    common::pair(subjects, subjects)
 }
 
 #[test]

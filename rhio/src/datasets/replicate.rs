@@ -674,30 +674,19 @@ impl Replicator {
     /// Answers `rhio.retry` until shutdown: `{"author": "<hex>", "dataset": "...", "version": N}`
     /// forgets that the version failed, so its worker replicates it again.
     pub async fn serve_retry(self, nats: async_nats::Client, shutdown: CancellationToken) {
-        let mut requests = match nats.subscribe(RETRY_SUBJECT).await {
-            Ok(subscriber) => subscriber,
-            Err(err) => {
-                tracing::error!(%err, subject = RETRY_SUBJECT, "cannot subscribe; retries are off");
-                return;
+        crate::nats::serve_requests(nats, RETRY_SUBJECT, shutdown, |payload| {
+            let replicator = self.clone();
+            async move {
+                let answer = match replicator.retry(&payload).await {
+                    Ok(()) => serde_json::json!({"ok": true}),
+                    Err((code, message)) => {
+                        serde_json::json!({"ok": false, "error": {"code": code, "message": message}})
+                    }
+                };
+                answer.to_string().into_bytes()
             }
-        };
-        loop {
-            let request = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                request = requests.next() => request,
-            };
-            let Some(request) = request else { break };
-            let Some(reply) = request.reply else { continue };
-            let answer = match self.retry(&request.payload).await {
-                Ok(()) => serde_json::json!({"ok": true}),
-                Err((code, message)) => {
-                    serde_json::json!({"ok": false, "error": {"code": code, "message": message}})
-                }
-            };
-            if let Err(err) = nats.publish(reply, answer.to_string().into()).await {
-                tracing::warn!(%err, "cannot answer a rhio.retry request");
-            }
-        }
+        })
+        .await;
     }
 
     async fn retry(&self, body: &[u8]) -> Result<(), (&'static str, String)> {

@@ -163,6 +163,39 @@ pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, Str
         .collect()
 }
 
+/// Answers requests on `subject` one at a time with `answer(payload)` until `shutdown` fires
+/// (rhio's small request/reply services: `rhio.status`, `rhio.retry`).
+pub async fn serve_requests<F, Fut>(
+    client: async_nats::Client,
+    subject: &'static str,
+    shutdown: CancellationToken,
+    mut answer: F,
+) where
+    F: FnMut(bytes::Bytes) -> Fut,
+    Fut: std::future::Future<Output = Vec<u8>>,
+{
+    let mut requests = match client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            tracing::error!(%err, subject, "cannot subscribe; this service is off");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => request,
+        };
+        let Some(request) = request else { break };
+        let Some(reply) = request.reply else { continue };
+        let body = answer(request.payload).await;
+        if let Err(err) = client.publish(reply, body.into()).await {
+            tracing::warn!(%err, subject, "cannot answer a request");
+        }
+    }
+    let _ = requests.unsubscribe().await;
+}
+
 /// Subjects of rhio's request/reply services; a JetStream stream capturing one of them answers
 /// requests with a PubAck before rhio can.
 pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import", "rhio.retry"];

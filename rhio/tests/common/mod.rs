@@ -522,6 +522,35 @@ pub fn header_pairs(headers: &async_nats::HeaderMap) -> Vec<(String, String)> {
     rhio::nats::header_pairs(Some(headers))
 }
 
+/// Two clusters, each with its own servers and node spec: A publishes `published` (stream
+/// OUT), B subscribes to A on `subscribed` (stream IN); each knows the other.
+pub struct Pair {
+    pub env: LocalEnv,
+    pub _dirs: [tempfile::TempDir; 2],
+    pub a: NodeSpec,
+    pub b: NodeSpec,
+    pub key_a: String,
+}
+
+pub fn pair(published: &[&str], subscribed: &[&str]) -> Pair {
+    let env = LocalEnv::up(2);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], dirs[0].path());
+    let mut b = NodeSpec::for_cluster(&env.clusters[1], dirs[1].path());
+    let key_a = a.public_key();
+    a.known_nodes.push((b.public_key(), b.quic_port));
+    b.known_nodes.push((key_a.clone(), a.quic_port));
+    a.extra = publish_toml(published, "OUT");
+    b.extra = subscribe_toml(&key_a, subscribed, "IN");
+    Pair {
+        env,
+        _dirs: dirs,
+        a,
+        b,
+        key_a,
+    }
+}
+
 /// A routing section for a node config.
 pub fn publish_toml(subjects: &[&str], stream: &str) -> String {
     format!("\n[[publish]]\nsubjects = {subjects:?}\nstream = \"{stream}\"\n")
