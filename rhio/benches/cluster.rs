@@ -1450,7 +1450,19 @@ fn main() {
         let missed: Vec<String> = rows
             .iter()
             .filter(|row| goal_met(row) == Some(false))
-            .map(|row| format!("{} ({}, goal {})", row.1, row.2, goal(&row.0, &row.1)))
+            .map(|row| {
+                let ratio = if row.4 == "-" {
+                    String::new()
+                } else {
+                    format!(", {}", row.4)
+                };
+                format!(
+                    "{} ({}{ratio}, goal {})",
+                    row.1,
+                    row.2,
+                    goal(&row.0, &row.1)
+                )
+            })
             .collect();
         let goals = if missed.is_empty() {
             "Every goal in the table is met in this run.".to_string()

@@ -593,3 +593,65 @@ fn retry_requests_are_answered_with_their_error_codes() {
         serde_json::json!([])
     );
 }
+
+/// A file over `import.max_file_bytes` is answered `too_large` with nothing left behind, and
+/// `--print-config` never prints a secret.
+#[test]
+fn too_large_files_are_refused_and_secrets_are_not_printed() {
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("big.parquet");
+    common::make_parquet(&["sized", file.to_str().unwrap(), "2", "1024"]);
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], dir.path());
+    spec.import_roots.push(data.path().to_path_buf());
+    let node = RhioNode::start_with_sets(spec, ["import.max_file_bytes=100000"]);
+    node.wait_healthy();
+    let rt = runtime();
+    let answer = rt.block_on(common::rhio_import(
+        &env.clusters[0].nats_url,
+        file.to_str().unwrap(),
+        None,
+    ));
+    assert_eq!(answer["error"]["code"], "too_large", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("import.max_file_bytes"),
+        "{answer}"
+    );
+    let listed = rt.block_on(async {
+        common::s3_client(&env.clusters[0])
+            .list_objects_v2()
+            .bucket(&env.clusters[0].s3_bucket)
+            .prefix("datasets/")
+            .send()
+            .await
+            .unwrap()
+            .key_count()
+    });
+    assert_eq!(listed, Some(0), "nothing visible after a refused import");
+
+    let printed = common::run_rhio(
+        &[
+            "--print-config",
+            "--set",
+            "nats.password=hunter2",
+            "--set",
+            "nats.user=rhio",
+            "--set",
+            "s3.secret_key=s3cret",
+            "--set",
+            "s3.access_key=key",
+        ],
+        &[],
+    );
+    assert!(printed.status.success());
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        !text.contains("hunter2") && !text.contains("s3cret"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+}
