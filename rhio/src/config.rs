@@ -465,28 +465,21 @@ impl Config {
         // Entries on one stream are read by one consumer with all their subjects as filters
         // (see `Routes::from_config`); JetStream refuses overlapping filters, and a message
         // matched twice would be signed twice.
-        for (i, first) in self.publish.iter().enumerate() {
-            for (j, second) in self.publish.iter().enumerate().skip(i + 1) {
-                if first.stream != second.stream {
-                    continue;
-                }
-                for a in &first.subjects {
-                    if let Some(b) = second.subjects.iter().find(|b| overlap(a, b)) {
-                        return Err(bad(
-                            "publish.subjects",
-                            format!(
-                                "publish[{i}] subject {a:?} and publish[{j}] subject {b:?} overlap on stream {:?}; list each subject once per stream",
-                                first.stream
-                            ),
-                        ));
-                    }
-                }
-            }
-            for (k, a) in first.subjects.iter().enumerate() {
-                if let Some(b) = first.subjects.iter().skip(k + 1).find(|b| overlap(a, b)) {
+        let published: Vec<(usize, &PublishConfig, &String)> = self
+            .publish
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.subjects.iter().map(move |subject| (i, p, subject)))
+            .collect();
+        for (k, (i, first, a)) in published.iter().enumerate() {
+            for (j, second, b) in &published[k + 1..] {
+                if first.stream == second.stream && overlap(a, b) {
                     return Err(bad(
                         "publish.subjects",
-                        format!("publish[{i}] subjects {a:?} and {b:?} overlap"),
+                        format!(
+                            "publish[{i}] subject {a:?} and publish[{j}] subject {b:?} overlap on stream {:?}; list each subject once per stream",
+                            first.stream
+                        ),
                     ));
                 }
             }

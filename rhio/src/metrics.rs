@@ -270,26 +270,23 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts under `family` summed over every reason seen so far.
-    pub fn sum(family: &Family<ReasonLabels, Counter>, reasons: &[&'static str]) -> u64 {
+    /// The counts of `family` summed over `reasons` (each reason enum's `ALL`, as names).
+    pub fn sum(
+        family: &Family<ReasonLabels, Counter>,
+        reasons: impl IntoIterator<Item = &'static str>,
+    ) -> u64 {
         reasons
-            .iter()
+            .into_iter()
             .map(|reason| family.get_or_create(&ReasonLabels { reason }).get())
             .sum()
     }
 
     /// Rejected operations over all reasons.
     pub fn rejected_total(&self) -> u64 {
-        RejectReason::ALL
-            .iter()
-            .map(|reason| {
-                self.operations_rejected
-                    .get_or_create(&ReasonLabels {
-                        reason: reason.as_str(),
-                    })
-                    .get()
-            })
-            .sum()
+        Self::sum(
+            &self.operations_rejected,
+            RejectReason::ALL.map(RejectReason::as_str),
+        )
     }
 
     /// Refreshes the state gauges and renders the Prometheus text format.

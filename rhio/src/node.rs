@@ -238,7 +238,6 @@ impl Node {
             transfer_state.clone(),
             routes.clone(),
             key.public_key(),
-            js.clone(),
             config.datasets.clone(),
             config.replication.clone(),
             metrics.clone(),

@@ -18,6 +18,8 @@ pub use crate::nats::NatsStatus;
 use crate::nats::{NatsConnection, STATUS_SUBJECT};
 pub use crate::network::NetworkStatus;
 use crate::network::{Network, PeerStatus};
+use crate::routing::delivery::DeadLetterReason;
+use crate::routing::outbound::RefuseReason;
 use crate::s3::S3Status;
 
 /// Everything a status request reports.
@@ -201,11 +203,11 @@ impl StatusSource {
             rejected: metrics.rejected_total(),
             dead_lettered: Metrics::sum(
                 &metrics.messages_dead_lettered,
-                crate::routing::delivery::DeadLetterReason::NAMES,
+                DeadLetterReason::ALL.map(DeadLetterReason::as_str),
             ),
             refused: Metrics::sum(
                 &metrics.messages_refused,
-                crate::routing::outbound::RefuseReason::NAMES,
+                RefuseReason::ALL.map(RefuseReason::as_str),
             ),
             sessions_subscribed: sessions("subscribed"),
             sessions_serving: sessions("serving"),

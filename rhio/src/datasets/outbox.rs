@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rhio_core::manifest::DatasetManifest;
-use rhio_core::operation::LogId;
+use rhio_core::operation::{LogId, SignedOperation};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -156,7 +156,7 @@ async fn publish(
     let manifest = DatasetManifest::decode(&op.body).map_err(|err| err.to_string())?;
     tokio::time::timeout(
         Duration::from_secs(10),
-        super::announce(
+        announce(
             js,
             &announcement.subject,
             &manifest,
@@ -166,4 +166,38 @@ async fn publish(
     )
     .await
     .map_err(|_| "no PubAck within 10 s".to_string())?
+}
+
+/// Publishes a version's summary on the local JetStream `subject` with the provenance headers of
+/// its manifest operation; `location` is where the file is in *this* cluster's S3.
+async fn announce(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    manifest: &DatasetManifest,
+    op: &SignedOperation,
+    location: &str,
+) -> Result<(), String> {
+    let summary = serde_json::json!({
+        "dataset": manifest.dataset,
+        "version": manifest.version,
+        "author": manifest.author,
+        "file_hash": manifest.file_hash,
+        "rows": manifest.rows,
+        "row_groups": manifest.blobs.len().saturating_sub(1),
+        "bytes": manifest.file_size,
+        "schema": manifest.schema,
+        "location": location,
+        "created_at_micros": manifest.created_at_micros,
+        "operation": op.hash.to_hex().to_string(),
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in rhio_core::message::provenance_headers(op) {
+        headers.insert(name, value.as_str());
+    }
+    js.publish_with_headers(subject.to_string(), headers, summary.to_string().into())
+        .await
+        .map_err(|err| err.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|err| err.to_string())
 }

@@ -65,8 +65,12 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const NAMES: &'static [&'static str] =
-        &["max_payload", "max_msg_size", "no_stream", "undecodable"];
+    pub const ALL: [DeadLetterReason; 4] = [
+        DeadLetterReason::MaxPayload,
+        DeadLetterReason::MaxMsgSize,
+        DeadLetterReason::NoStream,
+        DeadLetterReason::Undecodable,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -142,6 +146,8 @@ impl Delivery {
         // Subscribe before scanning, so nothing committed in between is missed.
         let mut events = self.store.subscribe();
         let mut delivered: HashMap<LogKey, u64> = HashMap::new();
+        // Streams by subject, looked up once per resume however many logs share a subject.
+        let mut streams: HashMap<String, Option<jetstream::stream::Stream>> = HashMap::new();
         for log in self.store.logs().await? {
             if log.author == self.own_key || !matches!(log.log, LogId::Message(_)) {
                 continue;
@@ -149,7 +155,7 @@ impl Delivery {
             let key = (log.author, log.log.clone());
             let mut position = log.delivered_seq;
             if position < log.next_seq
-                && let Some(found) = self.published_after(&key, position).await
+                && let Some(found) = self.published_after(&mut streams, &key, position).await
             {
                 tracing::info!(author = %key.0, log = %key.1.name(), from = position, to = found, "operations were published before the last stop; not publishing them again");
                 self.store
@@ -203,12 +209,23 @@ impl Delivery {
     /// already holds (published before a crash, not yet committed), judged by the last message
     /// on the log's subject. `None` when that message is not one of this log's, or on any error
     /// (then JetStream's duplicate window is what remains).
-    async fn published_after(&self, key: &LogKey, from: u64) -> Option<u64> {
+    async fn published_after(
+        &self,
+        streams: &mut HashMap<String, Option<jetstream::stream::Stream>>,
+        key: &LogKey,
+        from: u64,
+    ) -> Option<u64> {
         let LogId::Message(subject) = &key.1 else {
             return None;
         };
-        let name = self.js.stream_by_subject(subject.as_str()).await.ok()?;
-        let stream = self.js.get_stream(&name).await.ok()?;
+        if !streams.contains_key(subject) {
+            let stream = match self.js.stream_by_subject(subject.as_str()).await {
+                Ok(name) => self.js.get_stream(&name).await.ok(),
+                Err(_) => None,
+            };
+            streams.insert(subject.clone(), stream);
+        }
+        let stream = streams.get(subject)?.as_ref()?;
         let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
         let headers = crate::nats::header_pairs(Some(&last.headers));
         let (author, log, seq) = rhio_core::message::routed_position(&headers)?;

@@ -33,7 +33,7 @@ pub enum RefuseReason {
 }
 
 impl RefuseReason {
-    pub const NAMES: &'static [&'static str] = &["too_large", "exceeds_max_payload"];
+    pub const ALL: [RefuseReason; 2] = [RefuseReason::TooLarge, RefuseReason::ExceedsMaxPayload];
 
     pub fn as_str(self) -> &'static str {
         match self {
