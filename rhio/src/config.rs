@@ -36,6 +36,153 @@ pub struct Config {
     pub import: ImportConfig,
     pub datasets: DatasetsConfig,
     pub replication: ReplicationConfig,
+    pub mirror: MirrorConfig,
+}
+
+/// The registry mirror: every available dataset version pushed to an OCI registry (Harbor or
+/// any OCI distribution registry) as an artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    pub enabled: bool,
+    /// Registry base URL, `http://` or `https://` (no path).
+    pub registry: String,
+    /// Harbor project (or path prefix on plain Distribution) the repositories go under.
+    pub project: String,
+    /// User name (a Harbor robot account is `robot$<project>+<name>`); none: anonymous.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// File holding the password (a mounted Secret); trailing newlines are dropped.
+    pub password_file: Option<PathBuf>,
+    /// Create the Harbor project through Harbor's API when it is missing (not for plain
+    /// Distribution registries, which have no projects).
+    pub create_project: bool,
+    /// Dataset names to mirror; `*` matches any run of characters. Empty: none.
+    pub datasets: Vec<String>,
+    /// Mirror this cluster's own datasets.
+    pub own: bool,
+    /// Mirror datasets of other authors replicated into this cluster.
+    pub replicated: bool,
+    /// Versions pushed at once.
+    pub concurrency: usize,
+    /// Size of each upload chunk (PATCH) of the Parquet layer, in MiB.
+    pub chunk_size_mib: u64,
+    /// Upper bound of the retry backoff while the registry is down or refuses.
+    pub max_retry_interval_secs: u64,
+    /// Longest one registry request may take to answer (a chunk upload included).
+    pub request_timeout_secs: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            registry: String::new(),
+            project: "rhio".into(),
+            user: None,
+            password: None,
+            password_file: None,
+            create_project: false,
+            datasets: vec!["*".into()],
+            own: true,
+            replicated: true,
+            concurrency: 2,
+            chunk_size_mib: 16,
+            max_retry_interval_secs: 300,
+            request_timeout_secs: 120,
+        }
+    }
+}
+
+impl MirrorConfig {
+    /// True when `dataset` matches one of the `datasets` patterns.
+    pub fn wants(&self, dataset: &str) -> bool {
+        self.datasets
+            .iter()
+            .any(|pattern| glob_match(pattern, dataset))
+    }
+
+    /// The password from `password` or `password_file`.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(password) = &self.password {
+            return Ok(Some(password.clone()));
+        }
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::BadValue {
+            key: "mirror.password_file",
+            reason: format!("cannot read {}: {err}", path.display()),
+        })?;
+        Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: String| Err(ConfigError::BadValue { key, reason });
+        if !self.enabled {
+            return Ok(());
+        }
+        let registry = self.registry.trim_end_matches('/');
+        let rest = registry
+            .strip_prefix("http://")
+            .or_else(|| registry.strip_prefix("https://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains('/') => {}
+            _ => {
+                return bad(
+                    "mirror.registry",
+                    format!(
+                        "{:?} is not a registry base URL (http://host[:port] or https://host[:port], no path)",
+                        self.registry
+                    ),
+                );
+            }
+        }
+        if let Err(err) = rhio_core::oci::validate_project(&self.project) {
+            return bad("mirror.project", err.to_string());
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return bad(
+                "mirror.password_file",
+                "set mirror.password or mirror.password_file, not both".into(),
+            );
+        }
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        if self.user.is_some() != has_password {
+            return bad(
+                "mirror.user",
+                "mirror.user and a password (mirror.password or mirror.password_file) must be set together".into(),
+            );
+        }
+        if self.concurrency == 0
+            || self.max_retry_interval_secs == 0
+            || self.request_timeout_secs == 0
+        {
+            return bad(
+                "mirror.concurrency",
+                "mirror.concurrency, max_retry_interval_secs and request_timeout_secs must be at least 1".into(),
+            );
+        }
+        if !(1..=512).contains(&self.chunk_size_mib) {
+            return bad("mirror.chunk_size_mib", "must be between 1 and 512".into());
+        }
+        Ok(())
+    }
+}
+
+/// `*` matches any run of characters (none included); everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob_match(rest, &tail[i..]))
+        }
+    }
 }
 
 /// How datasets of other authors are copied into this cluster.
@@ -395,6 +542,7 @@ impl Config {
             });
         }
         self.validate_routes()?;
+        self.mirror.validate()?;
         if self.import.part_size_mib < 5 || self.import.part_size_mib > 512 {
             return Err(ConfigError::BadValue {
                 key: "import.part_size_mib",
@@ -562,6 +710,7 @@ impl Config {
         hide(&mut copy.nats.token);
         hide(&mut copy.nats.nkey_seed);
         hide(&mut copy.s3.secret_key);
+        hide(&mut copy.mirror.password);
         copy
     }
 
@@ -849,6 +998,59 @@ mod tests {
     }
 
     #[test]
+    fn mirror_keys_survive_files_and_environment_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cr$t\n").unwrap();
+        let file = write(
+            dir.path(),
+            &format!(
+                "[mirror]\nenabled = true\nregistry = \"https://harbor.example:8443\"\nuser = \"robot$rhio+mirror\"\npassword_file = \"{}\"\ndatasets = [\"weather*\", \"tides\"]\n",
+                secret.display()
+            ),
+        );
+        let config = Config::load(&ConfigSources {
+            file: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.mirror.user.as_deref(), Some("robot$rhio+mirror"));
+        assert_eq!(config.mirror.password().unwrap().as_deref(), Some("s3cr$t"));
+        assert!(config.mirror.wants("weather") && config.mirror.wants("weather_eu"));
+        assert!(config.mirror.wants("tides") && !config.mirror.wants("tides2"));
+        // The '$' of a robot name survives the environment too.
+        let config = Config::load(&ConfigSources {
+            file: Some(file),
+            env: vec![("RHIO_MIRROR__USER".into(), "robot$other+x".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.mirror.user.as_deref(), Some("robot$other+x"));
+        for (set, key) in [
+            ("mirror.registry=harbor.example", "mirror.registry"),
+            ("mirror.registry=http://h/v2", "mirror.registry"),
+            ("mirror.project=Rhio", "mirror.project"),
+            ("mirror.user=alice", "mirror.user"),
+            ("mirror.chunk_size_mib=0", "mirror.chunk_size_mib"),
+        ] {
+            let err = Config::load(&ConfigSources {
+                overrides: vec![
+                    "mirror.enabled=true".into(),
+                    "mirror.registry=http://127.0.0.1:5000".into(),
+                    set.into(),
+                ],
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::BadValue { key: k, .. } if *k == key),
+                "{set}: {err}"
+            );
+        }
+        assert!(glob_match("*", "") && glob_match("a*b*c", "aXbYc") && !glob_match("a*b", "ab_"));
+    }
+
+    #[test]
     fn redacted_copy_hides_every_secret() {
         let config = Config::load(&ConfigSources {
             overrides: vec![
@@ -856,13 +1058,17 @@ mod tests {
                 "nats.password=hunter2".into(),
                 "s3.access_key=AKIA".into(),
                 "s3.secret_key=s3cret".into(),
+                "mirror.enabled=true".into(),
+                "mirror.registry=http://127.0.0.1:5000".into(),
+                "mirror.user=robot$rhio+ci".into(),
+                "mirror.password=r0b0t".into(),
             ],
             ..Default::default()
         })
         .unwrap();
         let text = toml::to_string_pretty(&config.redacted()).unwrap();
         assert!(
-            !text.contains("hunter2") && !text.contains("s3cret"),
+            !text.contains("hunter2") && !text.contains("s3cret") && !text.contains("r0b0t"),
             "{text}"
         );
         assert!(text.contains("alice") && text.contains(REDACTED), "{text}");

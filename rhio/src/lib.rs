@@ -14,6 +14,7 @@
 //! - [`blobs`]: which row-group blobs this cluster holds, and `rhio/blobs/1` (serving and
 //!   fetching bao-verified byte ranges of them);
 //! - [`datasets`]: `rhio.import`, and replication of other authors' datasets into this S3;
+//! - [`mirror`]: every available dataset version pushed to an OCI registry (Harbor);
 //! - [`status`], [`metrics`]: the status document and Prometheus metrics;
 //! - [`node`]: starts all of the above and shuts them down in order.
 //!
@@ -33,6 +34,7 @@ pub mod datasets;
 pub mod http;
 pub mod keys;
 pub mod metrics;
+pub mod mirror;
 pub mod nats;
 pub mod network;
 pub mod node;

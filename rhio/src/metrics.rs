@@ -98,6 +98,11 @@ pub struct Metrics {
     pub transfers_in_progress: Gauge,
     pub blob_bytes_served: Counter,
     pub blob_requests_refused: Family<ReasonLabels, Counter>,
+    /// Registry mirror: versions pushed or failed, blobs by outcome, bytes uploaded, queue.
+    pub mirror_pushes: Family<OutcomeLabels, Counter>,
+    pub mirror_blobs: Family<OutcomeLabels, Counter>,
+    pub mirror_bytes_pushed: Counter,
+    pub mirror_queue: Gauge,
 }
 
 impl Default for Metrics {
@@ -134,6 +139,10 @@ impl Metrics {
             transfers_in_progress: Gauge::default(),
             blob_bytes_served: Counter::default(),
             blob_requests_refused: Family::default(),
+            mirror_pushes: Family::default(),
+            mirror_blobs: Family::default(),
+            mirror_bytes_pushed: Counter::default(),
+            mirror_queue: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -255,6 +264,26 @@ impl Metrics {
             "blob_requests_refused",
             "Blob requests of peers refused, by reason",
             metrics.blob_requests_refused.clone(),
+        );
+        registry.register(
+            "mirror_pushes",
+            "Dataset versions pushed to the registry (pushed) or attempts that failed (failed)",
+            metrics.mirror_pushes.clone(),
+        );
+        registry.register(
+            "mirror_blobs",
+            "Blobs of pushed versions: uploaded, already present, or mounted from another repository",
+            metrics.mirror_blobs.clone(),
+        );
+        registry.register(
+            "mirror_bytes_pushed",
+            "Bytes uploaded to the registry",
+            metrics.mirror_bytes_pushed.clone(),
+        );
+        registry.register(
+            "mirror_queue",
+            "Dataset versions waiting to be pushed to the registry",
+            metrics.mirror_queue.clone(),
         );
         Self {
             registry,

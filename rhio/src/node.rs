@@ -49,6 +49,8 @@ pub enum StartError {
     Routing(String),
     #[error("replication: {0}")]
     Replication(String),
+    #[error("registry mirror: {0}")]
+    Mirror(String),
     #[error("cannot start the transfer runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot create data directory {path}: {source}")]
@@ -335,6 +337,28 @@ impl Node {
             metrics.clone(),
             shutdown.clone(),
         ));
+        let mirror = if config.mirror.enabled {
+            let queue = crate::mirror::queue::MirrorQueue::open(
+                &config.node.data_dir.join("replication.sqlite"),
+            )
+            .await
+            .map_err(|err| StartError::Mirror(format!("state: {err}")))?;
+            let mirror = crate::mirror::Mirror::new(
+                config.mirror.clone(),
+                queue,
+                s3.clone(),
+                store.clone(),
+                key.public_key(),
+                &config.network.network_id,
+                metrics.clone(),
+                outbox.available(),
+            )
+            .await?;
+            tasks.spawn(mirror.clone().run(shutdown.clone()));
+            Some(mirror)
+        } else {
+            None
+        };
         tasks.spawn(importer.clone().serve(shutdown.clone()));
         tasks.spawn(importer.serve_queue(config.nats.create_streams, shutdown.clone()));
 
@@ -349,6 +373,7 @@ impl Node {
                 index,
                 transfers,
                 outbox,
+                mirror,
             },
         );
         tasks.spawn(crate::nats::warn_about_captured_services(

@@ -39,6 +39,10 @@ pub struct NodeStatus {
     /// JetStream streams rhio publishes from or into, and whether routing through them runs.
     pub streams: Vec<crate::routing::StreamStatus>,
     pub datasets: DatasetsStatus,
+    /// The registry mirror, when configured (its problems do not make the node `degraded`:
+    /// nothing else waits for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<crate::mirror::MirrorStatus>,
 }
 
 /// Datasets in this cluster and replications in progress.
@@ -122,6 +126,8 @@ pub struct DatasetSources {
     pub index: crate::blobs::BlobIndex,
     pub transfers: crate::datasets::replicate::Transfers,
     pub outbox: crate::datasets::outbox::Outbox,
+    /// The registry mirror, when `mirror.enabled`.
+    pub mirror: Option<crate::mirror::Mirror>,
 }
 
 impl StatusSource {
@@ -185,6 +191,11 @@ impl StatusSource {
                 announcements_pending: inner.datasets.outbox.pending(),
                 failed: inner.datasets.transfers.failed(),
             },
+            mirror: inner
+                .datasets
+                .mirror
+                .as_ref()
+                .map(crate::mirror::Mirror::status),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Outbox {
     wake: Arc<Notify>,
     /// Queued announcements as of the publisher's last pass (for status).
     pending: Arc<AtomicUsize>,
+    /// Woken with the publisher: a version became available (the registry mirror waits on it).
+    available: Arc<Notify>,
 }
 
 impl Outbox {
@@ -41,13 +43,19 @@ impl Outbox {
             state,
             wake: Arc::new(Notify::new()),
             pending: Arc::new(AtomicUsize::new(0)),
+            available: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified whenever a version is queued (one waiter: the registry mirror).
+    pub fn available(&self) -> Arc<Notify> {
+        self.available.clone()
     }
 
     /// Queues `announcement` durably and wakes the publisher.
     pub async fn queue(&self, announcement: &Announcement) -> Result<(), sqlx::Error> {
         self.state.queue_announcement(announcement).await?;
-        self.wake.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -59,6 +67,7 @@ impl Outbox {
     /// Wakes the publisher (after [`TransferState::finish`] queued an announcement itself).
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.available.notify_one();
     }
 
     /// Announcements not acknowledged yet, as of the publisher's last pass.

@@ -59,7 +59,25 @@ pub struct Cluster {
 pub struct LocalEnv {
     dir: tempfile::TempDir,
     pub clusters: Vec<Cluster>,
+    /// Anonymous registry (only with [`LocalEnv::with_registry`]).
     pub registry: Option<String>,
+    /// Registry with Harbor's token auth (only with `auth`).
+    pub registry_auth: Option<RegistryAuth>,
+}
+
+/// The token-auth registry: its URL, token realm and users (name -> password).
+#[derive(Debug, Clone)]
+pub struct RegistryAuth {
+    pub url: String,
+    pub realm: String,
+    pub users: Vec<(String, String)>,
+}
+
+/// Which registries [`LocalEnv::with_registry`] starts besides the clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registries {
+    Anonymous,
+    AnonymousAndToken,
 }
 
 fn localenv(args: &[&str]) -> std::process::Output {
@@ -80,19 +98,35 @@ fn localenv(args: &[&str]) -> std::process::Output {
 
 impl LocalEnv {
     pub fn up(clusters: usize) -> Self {
+        Self::launch(clusters, None)
+    }
+
+    /// Clusters plus an OCI registry (Debian's docker-registry), and with
+    /// [`Registries::AnonymousAndToken`] a second one behind Harbor's token flow.
+    pub fn with_registry(clusters: usize, registries: Registries) -> Self {
+        Self::launch(clusters, Some(registries))
+    }
+
+    fn launch(clusters: usize, registries: Option<Registries>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().to_str().unwrap().to_string();
         let owner = std::process::id().to_string();
-        let output = localenv(&[
+        let count = clusters.to_string();
+        let mut args = vec![
             "up",
             "--dir",
             &path,
             "--clusters",
-            &clusters.to_string(),
-            "--no-registry",
+            &count,
             "--owner-pid",
             &owner,
-        ]);
+        ];
+        match registries {
+            None => args.push("--no-registry"),
+            Some(Registries::Anonymous) => {}
+            Some(Registries::AnonymousAndToken) => args.push("--registry-auth"),
+        }
+        let output = localenv(&args);
         let info: Value = serde_json::from_slice(&output.stdout).expect("env JSON");
         let clusters = info["clusters"]
             .as_array()
@@ -107,11 +141,28 @@ impl LocalEnv {
                 s3_secret_key: c["s3_secret_key"].as_str().unwrap().into(),
             })
             .collect();
+        let registry_auth = info["registry_auth"].as_object().map(|auth| RegistryAuth {
+            url: auth["url"].as_str().unwrap().into(),
+            realm: auth["realm"].as_str().unwrap().into(),
+            users: auth["users"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(user, password)| (user.clone(), password.as_str().unwrap().into()))
+                .collect(),
+        });
         Self {
             dir,
             clusters,
             registry: info["registry"].as_str().map(String::from),
+            registry_auth,
         }
+    }
+
+    /// The log of one of the environment's servers (`registry`, `token`, `nats-a`, ...).
+    pub fn service_log(&self, service: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{service}.log")))
+            .unwrap_or_default()
     }
 
     /// Where the S3 server of cluster `index` keeps the object `key` on disk (s3s-fs stores
