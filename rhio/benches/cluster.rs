@@ -9,6 +9,8 @@
 //!   delta ratio of an appended version (bytes moved / bytes of new blobs);
 //! - messages: sustained routed msg/s (1 KiB, zero loss checked) and publish-to-delivery latency
 //!   at a fixed 500 msg/s, against a plain JetStream bridge A -> B without signing;
+//! - mirror: the push of an imported version to the local OCI registry (from the import's answer
+//!   until the mirror recorded it) against PyPI `oras` pushing the same file to the same registry;
 //! - memory: peak RSS of each rhio node.
 //!
 //! `--quick` runs every scenario once with small sizes (under two minutes); `--json FILE` writes
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
-use common::{LocalEnv, NodeSpec, RhioNode, publish_toml, subscribe_toml};
+use common::{LocalEnv, NodeSpec, Registries, RhioNode, publish_toml, subscribe_toml};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -96,6 +98,7 @@ fn goal(scenario: &str, measure: &str) -> &'static str {
         ("messages", m) if m.starts_with("latency p99 at 500 msg/s") && !m.contains("during") => {
             "<= 20 ms"
         }
+        ("mirror", _) => ">= 1.0x",
         ("memory", _) => "<= 256 MiB",
         _ => "",
     }
@@ -143,6 +146,8 @@ fn runs_line(results: &serde_json::Map<String, Value>) -> String {
         ("replication_sdk_runs", "SDK copy", "MiB/s"),
         ("messages_runs", "sustained messages rhio", "msg/s"),
         ("bridge_runs", "bridge", "msg/s"),
+        ("mirror_runs", "registry push rhio", "MiB/s"),
+        ("mirror_oras_runs", "oras push", "MiB/s"),
     ] {
         if let Some(runs) = results.get(key).and_then(Value::as_array) {
             let runs: Vec<String> = runs
@@ -644,6 +649,142 @@ async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
     let _ = std::fs::remove_file(&v1);
     let _ = std::fs::remove_file(&v2);
     (fetched[1] - fetched[0], new_bytes)
+}
+
+// ------------------------------------------------------------------------------------- mirror
+
+/// One cluster with a node whose mirror pushes to the environment's registry (project `bench`).
+struct MirrorBench {
+    env: LocalEnv,
+    _dir: tempfile::TempDir,
+    node: RhioNode,
+    data: std::path::PathBuf,
+}
+
+fn mirror_setup() -> MirrorBench {
+    let env = LocalEnv::with_registry(1, Registries::Anonymous);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
+    spec.import_roots = vec![data.clone()];
+    spec.part_size_mib = IMPORT_PART_MIB;
+    spec.extra = format!(
+        "\n[mirror]\nenabled = true\nregistry = \"{}\"\nproject = \"bench\"\n",
+        env.registry.as_deref().expect("a registry")
+    );
+    let node = RhioNode::start(spec);
+    node.wait_healthy();
+    MirrorBench {
+        env,
+        _dir: dir,
+        node,
+        data,
+    }
+}
+
+fn mirror_pushed(node: &RhioNode) -> u64 {
+    node.health()
+        .and_then(|(_, health)| health["mirror"]["pushed"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Imports `path` as `dataset`, then times its push to the registry: from the import's answer
+/// until the mirror recorded the version (polled every 10 ms). Checks that the registry has the
+/// version with the file's BLAKE3; returns MiB/s, or `None` after a failure.
+async fn push_rhio(bench: &MirrorBench, path: &std::path::Path, dataset: &str) -> Option<f64> {
+    let before = mirror_pushed(&bench.node);
+    let client = rhio_client::Client::connect(&bench.env.clusters[0].nats_url)
+        .await
+        .unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    let answer = client
+        .import(
+            path.to_str().unwrap(),
+            Some(dataset),
+            None,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    let start = Instant::now();
+    while mirror_pushed(&bench.node) <= before {
+        if start.elapsed() > Duration::from_secs(900) {
+            fail(format!("push of {dataset} not done after 900 s"));
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let registry = rhio::mirror::registry::Registry::new(
+        bench.env.registry.as_deref().unwrap(),
+        None,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let manifest = registry
+        .get_manifest(&format!("bench/{dataset}"), "v0")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    let pushed_hash = manifest
+        .as_ref()
+        .map(|m| m["annotations"]["io.rhio.file.blake3"].clone());
+    if pushed_hash != Some(answer["file_hash"].clone()) {
+        fail(format!(
+            "bench/{dataset}:v0 in the registry is not the imported file: {manifest:?}"
+        ));
+        return None;
+    }
+    Some(len as f64 / (1 << 20) as f64 / secs)
+}
+
+/// The baseline: PyPI `oras` pushing the same file to the same registry, timed inside Python
+/// (its digest pass and upload; interpreter start-up not counted). MiB/s, `None` on failure.
+fn push_oras(bench: &MirrorBench, path: &std::path::Path, repository: &str) -> Option<f64> {
+    let registry = rhio::mirror::registry_host(bench.env.registry.as_deref().unwrap());
+    let python = std::path::PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/rhio/venv/bin/python");
+    let python = std::env::var_os("RHIODEV_CACHE")
+        .map(|cache| std::path::PathBuf::from(cache).join("venv/bin/python"))
+        .unwrap_or(python);
+    let script = r#"
+import os, sys, time, oras.client
+path, target = sys.argv[1], sys.argv[2]
+os.chdir(os.path.dirname(path))
+client = oras.client.OrasClient(insecure=True)
+start = time.monotonic()
+client.push(files=[os.path.basename(path)], target=target)
+print(time.monotonic() - start)
+"#;
+    let output = std::process::Command::new(python)
+        .args([
+            "-c",
+            script,
+            path.to_str().unwrap(),
+            &format!("{registry}/{repository}:v0"),
+        ])
+        .output()
+        .unwrap();
+    let secs: Option<f64> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|line| line.trim().parse().ok());
+    match secs {
+        Some(secs) if output.status.success() => {
+            let len = std::fs::metadata(path).unwrap().len();
+            Some(len as f64 / (1 << 20) as f64 / secs)
+        }
+        _ => {
+            fail(format!(
+                "oras push to {repository}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+            None
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------------- messages
@@ -1421,6 +1562,61 @@ fn main() {
             ));
             results.insert(format!("rss_node_{name}_mib"), json!(rss));
         }
+    }
+    if settings.wants("mirror") {
+        // mirror: a fresh file per round, pushed by rhio and by oras, in alternating order.
+        drop(clusters);
+        let bench = mirror_setup();
+        let mib: u64 = if settings.quick { 64 } else { 1024 };
+        let (mut rhio_push, mut oras_push) = (Vec::new(), Vec::new());
+        for round in 0..settings.runs {
+            let file = bench.data.join(format!("mirror{round}.parquet"));
+            common::make_parquet(&["sized", file.to_str().unwrap(), &mib.to_string(), "65536"]);
+            let dataset = format!("mirror{round}");
+            let oras_repo = format!("bench/oras{round}");
+            let (r, o) = if round % 2 == 0 {
+                let r = runtime.block_on(push_rhio(&bench, &file, &dataset));
+                (r, push_oras(&bench, &file, &oras_repo))
+            } else {
+                let o = push_oras(&bench, &file, &oras_repo);
+                (runtime.block_on(push_rhio(&bench, &file, &dataset)), o)
+            };
+            rhio_push.extend(r);
+            oras_push.extend(o);
+            let _ = std::fs::remove_file(&file);
+        }
+        let (figure, baseline, ratio) = if rhio_push.is_empty() || oras_push.is_empty() {
+            ("FAILED".to_string(), "FAILED".to_string(), "-".to_string())
+        } else {
+            let (r, o) = (median(rhio_push.clone()), median(oras_push.clone()));
+            results.insert("mirror_push_mib_s".into(), json!(r));
+            results.insert("mirror_oras_push_mib_s".into(), json!(o));
+            (
+                format!("{r:.0} MiB/s"),
+                format!("{o:.0} MiB/s"),
+                format!("{:.2}x", r / o),
+            )
+        };
+        results.insert("mirror_runs".into(), json!(rhio_push));
+        results.insert("mirror_oras_runs".into(), json!(oras_push));
+        rows.push((
+            "mirror".into(),
+            format!(
+                "{mib} MiB version pushed to the registry (S3 -> OCI, 16 MiB chunks) vs oras push"
+            ),
+            figure,
+            baseline,
+            ratio,
+        ));
+        let rss = peak_rss_mib(bench.node.pid());
+        rows.push((
+            "memory".into(),
+            format!("peak RSS of the mirroring node (import and push of {mib} MiB)"),
+            format!("{rss:.0} MiB"),
+            "-".into(),
+            "-".into(),
+        ));
+        results.insert("rss_mirror_node_mib".into(), json!(rss));
     }
     println!();
     let table = markdown_table(&rows);
