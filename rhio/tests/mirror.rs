@@ -518,3 +518,63 @@ fn harbor_token_auth_works_for_a_robot_account_and_wrong_credentials_degrade_not
         .count();
     assert_eq!(refusals, 1, "{log}");
 }
+
+#[test]
+fn http_basic_auth_pushes_as_a_robot_account_with_the_password_from_the_environment() {
+    let env = LocalEnv::with_registry(1, Registries::AnonymousAndToken);
+    let url = env.registry_basic.clone().unwrap();
+    let (robot, password) = env
+        .registry_auth
+        .as_ref()
+        .unwrap()
+        .users
+        .iter()
+        .find(|(user, _)| user.starts_with("robot$"))
+        .cloned()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("weather.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "2", "500"]);
+    let mut spec = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));
+    spec.import_roots = vec![root.clone()];
+    // The robot name with its '$' in the TOML file, the password from the environment.
+    spec.extra = mirror_toml(&url, &format!("user = \"{robot}\"\n"));
+    spec.env
+        .push(("RHIO_MIRROR__PASSWORD".into(), password.clone()));
+    let node = RhioNode::start(spec.clone());
+    node.wait_healthy();
+    runtime().block_on(common::rhio_import_ok(
+        &env.clusters[0].nats_url,
+        &file,
+        "weather",
+    ));
+    let health = wait_pushed(&node, 1);
+    assert_eq!(
+        health["mirror"]["user"],
+        format!("user {robot:?}"),
+        "{health}"
+    );
+    let pulled = pull(
+        &client(&url, Some((&robot, &password))),
+        "rhio/weather",
+        "v0",
+    );
+    assert_layout(
+        &pulled,
+        &std::fs::read(&file).unwrap(),
+        &spec.public_key(),
+        0,
+    );
+    assert!(
+        runtime()
+            .block_on(client(&url, None).get_manifest("rhio/weather", "v0"))
+            .unwrap_err()
+            .is_auth()
+    );
+    assert!(
+        !node.log().contains(&password),
+        "the password is in the log"
+    );
+}

@@ -61,11 +61,14 @@ pub struct LocalEnv {
     pub clusters: Vec<Cluster>,
     /// Anonymous registry (only with [`LocalEnv::with_registry`]).
     pub registry: Option<String>,
-    /// Registry with Harbor's token auth (only with `auth`).
+    /// Registry with Harbor's token auth (only with [`Registries::AnonymousAndToken`]).
     pub registry_auth: Option<RegistryAuth>,
+    /// Registry with HTTP basic auth, same users (only with [`Registries::AnonymousAndToken`]).
+    pub registry_basic: Option<String>,
 }
 
-/// The token-auth registry: its URL, token realm and users (name -> password).
+/// The token-auth registry: its URL, token realm and users (name -> password); the basic-auth
+/// registry has the same users.
 #[derive(Debug, Clone)]
 pub struct RegistryAuth {
     pub url: String,
@@ -77,6 +80,7 @@ pub struct RegistryAuth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registries {
     Anonymous,
+    /// The anonymous one, one behind Harbor's token flow and one asking for HTTP basic auth.
     AnonymousAndToken,
 }
 
@@ -156,6 +160,7 @@ impl LocalEnv {
             clusters,
             registry: info["registry"].as_str().map(String::from),
             registry_auth,
+            registry_basic: info["registry_basic"]["url"].as_str().map(String::from),
         }
     }
 
