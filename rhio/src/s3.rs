@@ -93,31 +93,6 @@ pub struct S3Status {
     pub error: Option<String>,
 }
 
-/// An object being read in one GET (see [`S3Store::read_stream`]).
-pub struct ObjectStream {
-    key: String,
-    pub size: u64,
-    body: aws_sdk_s3::primitives::ByteStream,
-    /// Longest S3 may pause between two pieces (`s3.read_timeout_secs`).
-    idle_timeout: Duration,
-}
-
-impl ObjectStream {
-    /// The next piece of the body; `None` at the end.
-    pub async fn next_piece(&mut self) -> Result<Option<bytes::Bytes>, String> {
-        match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
-            Err(_) => Err(format!(
-                "{}: S3 sent nothing for {:?}",
-                self.key, self.idle_timeout
-            )),
-            Ok(None) => Ok(None),
-            Ok(Some(piece)) => piece
-                .map(Some)
-                .map_err(|err| format!("{}: {err}", self.key)),
-        }
-    }
-}
-
 /// The S3 client of the node, bound to its bucket.
 #[derive(Clone, Debug)]
 pub struct S3Store {
@@ -222,25 +197,6 @@ impl S3Store {
         tokio::time::timeout(limit, read)
             .await
             .map_err(|_| format!("{key}: no complete answer from S3 within {limit:?}"))?
-    }
-
-    /// Opens a whole object for reading in one GET, as a stream of pieces (for reads too large
-    /// to hold: the mirror streams a version's file to the registry from it).
-    pub async fn read_stream(&self, key: &str) -> Result<ObjectStream, String> {
-        let object = self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|err| describe(&err))?;
-        Ok(ObjectStream {
-            key: key.to_string(),
-            size: object.content_length().unwrap_or(0).max(0) as u64,
-            body: object.body,
-            idle_timeout: Duration::from_secs(self.config.read_timeout_secs),
-        })
     }
 
     /// Longest one S3 call may take (`s3.operation_timeout_secs`).

@@ -8,8 +8,8 @@
 //! The mirror runs beside routing and replication and shares nothing with them but the store
 //! it reads manifests from and S3 it reads files from: a registry that is down, slow or refuses
 //! delays pushes (retried with backoff up to `mirror.max_retry_interval_secs`) and never
-//! anything else. The Parquet file is read from S3 once, in one GET, and sent in
-//! `mirror.chunk_size_mib` PATCH chunks while the next chunk is read, hashed with sha256 for
+//! anything else. The Parquet file is read from S3 once, chunk by chunk with parallel ranged
+//! GETs, and sent in `mirror.chunk_size_mib` PATCH chunks while the next chunk is read, hashed with sha256 for
 //! the registry and BLAKE3 for the manifest: a file whose bytes differ from what the signed
 //! manifest says is never pushed.
 //!
@@ -596,25 +596,30 @@ impl Mirror {
         })?;
         let chunk_size = (inner.config.chunk_size_mib * 1024 * 1024) as usize;
         let result = async {
-            let object = inner.s3.read_stream(key).await.map_err(PushError::Source)?;
-            if object.size != manifest.file_size {
+            let size = inner
+                .s3
+                .object_size(key)
+                .await
+                .map_err(PushError::Source)?
+                .ok_or_else(|| PushError::Source(format!("{key} is not in S3")))?;
+            if size != manifest.file_size {
                 return Err(PushError::Source(format!(
-                    "{key} has {} bytes, the signed manifest says {}",
-                    object.size, manifest.file_size
+                    "{key} has {size} bytes, the signed manifest says {}",
+                    manifest.file_size
                 )));
             }
             let mut reader = ChunkReader {
-                object,
-                carry: None,
-                chunk_size,
+                s3: &inner.s3,
+                key,
+                size,
+                offset: 0,
+                chunk_size: chunk_size as u64,
                 sha: Sha256::new(),
                 b3: blake3::Hasher::new(),
             };
-            let mut buffer = BytesMut::with_capacity(chunk_size);
             let mut in_flight: Option<Bytes> = None;
-            let mut total = 0u64;
             loop {
-                let read = reader.next_chunk(&mut buffer);
+                let read = reader.next_chunk();
                 let send = async {
                     match in_flight.take() {
                         Some(chunk) => {
@@ -628,26 +633,16 @@ impl Mirror {
                 };
                 let (read, sent) = tokio::join!(read, send);
                 sent?;
-                let end = read?;
-                let chunk = buffer.split().freeze();
-                total += chunk.len() as u64;
-                if !chunk.is_empty() {
-                    in_flight = Some(chunk);
+                match read? {
+                    Some(chunk) => in_flight = Some(chunk),
+                    None => break,
                 }
-                if end {
-                    break;
-                }
-            }
-            if let Some(chunk) = in_flight.take() {
-                let len = chunk.len() as u64;
-                registry.upload_chunk(&mut upload, chunk).await?;
-                inner.metrics.mirror_bytes_pushed.inc_by(len);
             }
             let blake3 = reader.b3.finalize().to_hex().to_string();
-            if total != manifest.file_size || blake3 != manifest.file_hash {
+            if blake3 != manifest.file_hash {
                 return Err(PushError::Source(format!(
-                    "{key} in S3 is not the file the manifest signs ({total} bytes, BLAKE3 {blake3}; expected {} bytes, {})",
-                    manifest.file_size, manifest.file_hash
+                    "{key} in S3 is not the file the manifest signs (BLAKE3 {blake3}, expected {})",
+                    manifest.file_hash
                 )));
             }
             Ok(format!("sha256:{}", hex_lower(&reader.sha.finalize())))
@@ -669,42 +664,50 @@ impl Mirror {
     }
 }
 
-/// Cuts an S3 object into chunks of exactly `chunk_size` bytes (the last one shorter), hashing
-/// every byte once for the registry (sha256) and the manifest (BLAKE3).
-struct ChunkReader {
-    object: crate::s3::ObjectStream,
-    /// Bytes of the last piece that did not fit the previous chunk.
-    carry: Option<Bytes>,
-    chunk_size: usize,
+/// Reads an S3 object in chunks of `chunk_size` bytes (the last one shorter), each with
+/// parallel ranged GETs of [`READ_PIECE`] (one GET stream is slower than the store behind it),
+/// hashing every byte once for the registry (sha256) and the manifest (BLAKE3).
+struct ChunkReader<'a> {
+    s3: &'a S3Store,
+    key: &'a str,
+    size: u64,
+    offset: u64,
+    chunk_size: u64,
     sha: Sha256,
     b3: blake3::Hasher,
 }
 
-impl ChunkReader {
-    /// Fills `buffer` (empty) with the next chunk; true when the object ended.
-    async fn next_chunk(&mut self, buffer: &mut BytesMut) -> Result<bool, PushError> {
-        loop {
-            let piece = match self.carry.take() {
-                Some(piece) => piece,
-                None => match self.object.next_piece().await.map_err(PushError::Source)? {
-                    Some(piece) => piece,
-                    None => return Ok(true),
-                },
-            };
-            let room = self.chunk_size - buffer.len();
-            let (now, later) = if piece.len() > room {
-                (piece.slice(..room), Some(piece.slice(room..)))
-            } else {
-                (piece, None)
-            };
-            self.sha.update(&now);
-            self.b3.update(&now);
-            buffer.extend_from_slice(&now);
-            self.carry = later;
-            if buffer.len() == self.chunk_size {
-                return Ok(false);
-            }
+/// Size of one ranged GET of a chunk.
+const READ_PIECE: u64 = 4 << 20;
+
+impl ChunkReader<'_> {
+    /// The next chunk; `None` at the end of the object.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, PushError> {
+        if self.offset >= self.size {
+            return Ok(None);
         }
+        let len = (self.size - self.offset).min(self.chunk_size);
+        let pieces = self
+            .s3
+            .get_range_pieces(self.key, self.offset, len, READ_PIECE)
+            .await
+            .map_err(PushError::Source)?;
+        let mut chunk = BytesMut::with_capacity(len as usize);
+        for piece in pieces {
+            self.sha.update(&piece);
+            self.b3.update(&piece);
+            chunk.extend_from_slice(&piece);
+        }
+        if chunk.len() as u64 != len {
+            return Err(PushError::Source(format!(
+                "{}: S3 sent {} bytes for {len} at offset {}",
+                self.key,
+                chunk.len(),
+                self.offset
+            )));
+        }
+        self.offset += len;
+        Ok(Some(chunk.freeze()))
     }
 }
 
