@@ -1,8 +1,9 @@
 //! `rhio-client`: talk to a rhio node through its cluster's NATS server.
 //!
-//! Ask a node for its status, publish messages for rhio to route, follow routed messages with
-//! their provenance checked, and make node keys. Import, dataset listing and verification follow
-//! the node features they drive.
+//! Ask a node for its status, import Parquet files, publish messages for rhio to route, follow
+//! routed messages with their provenance checked, list the dataset versions in the cluster,
+//! fetch one from the cluster's S3 verified against its signed manifest ([`datasets`]), verify a
+//! file against a signed manifest file (as the registry mirror ships it), and make node keys.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), rhio_client::ClientError> {
@@ -15,6 +16,10 @@
 use std::time::Duration;
 
 use thiserror::Error;
+
+pub mod datasets;
+
+pub use datasets::{DEFAULT_DATASET_STREAM, DatasetVersion, Fetched, S3Options, verify};
 
 /// Subject of the node's status service.
 pub const STATUS_SUBJECT: &str = "rhio.status";
@@ -29,6 +34,36 @@ pub enum ClientError {
     Request { subject: String, reason: String },
     #[error("answer on {subject} is not valid JSON: {reason}")]
     BadAnswer { subject: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Ambiguous(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("S3 {key}: {reason}")]
+    S3 { key: String, reason: String },
+    #[error("verification failed: {0}")]
+    Verification(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ClientError {
+    /// A stable, machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::Connect { .. } => "connect",
+            ClientError::NoNode { .. } => "no_node",
+            ClientError::Request { .. } => "request",
+            ClientError::BadAnswer { .. } => "bad_answer",
+            ClientError::NotFound(_) => "not_found",
+            ClientError::Ambiguous(_) => "ambiguous",
+            ClientError::Usage(_) => "usage",
+            ClientError::S3 { .. } => "s3",
+            ClientError::Verification(_) => "verification",
+            ClientError::Io(_) => "io",
+        }
+    }
 }
 
 /// A connection to the NATS server of a rhio node's cluster.

@@ -18,8 +18,45 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats: String,
+    /// Print results as JSON (for scripts) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    s3: S3Args,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The cluster's S3 (the node's `[s3]`), for `fetch`.
+#[derive(Debug, clap::Args)]
+struct S3Args {
+    /// S3 endpoint of the node's cluster.
+    #[arg(long, global = true, env = "RHIO_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The node's bucket.
+    #[arg(long, global = true, env = "RHIO_S3_BUCKET", default_value = "rhio")]
+    s3_bucket: String,
+    #[arg(long, global = true, env = "RHIO_S3_ACCESS_KEY")]
+    s3_access_key: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "RHIO_S3_SECRET_KEY",
+        hide_env_values = true
+    )]
+    s3_secret_key: Option<String>,
+}
+
+impl S3Args {
+    fn options(&self) -> rhio_client::S3Options {
+        rhio_client::S3Options {
+            endpoint: self.s3_endpoint.clone().unwrap_or_default(),
+            bucket: self.s3_bucket.clone(),
+            region: None,
+            access_key: self.s3_access_key.clone(),
+            secret_key: self.s3_secret_key.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +92,30 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// List the dataset versions available in the cluster (all authors).
+    Datasets {
+        /// JetStream stream the node announces datasets into (its datasets.stream).
+        #[arg(long, default_value = rhio_client::DEFAULT_DATASET_STREAM)]
+        stream: String,
+    },
+    /// Fetch a dataset version from the cluster's S3 into a file, verified against its signed
+    /// manifest (nothing is left behind when verification fails).
+    Fetch {
+        dataset: String,
+        /// Where to write the file.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Version (default: the latest).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Author's public key (needed when several authors have the dataset).
+        #[arg(long)]
+        author: Option<String>,
+        #[arg(long, default_value = rhio_client::DEFAULT_DATASET_STREAM)]
+        stream: String,
+    },
+    /// Check a file against a signed manifest file (the `.rhio-manifest` an OCI pull gives).
+    Verify { file: PathBuf, manifest: PathBuf },
     /// Make a new node key; prints the public key.
     Keygen {
         /// Write the private key to this file (mode 0600; never overwrites).
@@ -63,16 +124,43 @@ enum Command {
     },
 }
 
+/// Exit codes: 0 success, 1 the node, NATS or S3 failed (or answered an error), 2 usage (bad
+/// arguments, nothing matches, ambiguous), 3 verification failed.
+const EXIT_SERVER: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_VERIFICATION: u8 = 3;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let json = args.json;
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            let client_error = err.downcast_ref::<rhio_client::ClientError>();
+            let code = client_error.map_or("error", |e| e.code());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": {"code": code, "message": err.to_string()}})
+                );
+            }
             eprintln!("rhio-client: {err}");
-            ExitCode::FAILURE
+            ExitCode::from(match client_error {
+                Some(rhio_client::ClientError::Verification(_)) => EXIT_VERIFICATION,
+                Some(
+                    rhio_client::ClientError::Usage(_)
+                    | rhio_client::ClientError::NotFound(_)
+                    | rhio_client::ClientError::Ambiguous(_),
+                ) => EXIT_USAGE,
+                _ => EXIT_SERVER,
+            })
         }
     }
+}
+
+fn micros_to_time(micros: u64) -> String {
+    rhio_core::oci::rfc3339_from_micros(micros)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -160,6 +248,108 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     message.subject,
                     origin,
                     String::from_utf8_lossy(&message.payload)
+                );
+            }
+        }
+        Command::Datasets { stream } => {
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let versions = client.datasets(&stream).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else if versions.is_empty() {
+                println!("no datasets in stream {stream}");
+            } else {
+                println!(
+                    "{:<24} {:>7} {:<16} {:>12} {:>10} {:>6}  {:<20}  {:<8}  location",
+                    "dataset",
+                    "version",
+                    "author",
+                    "bytes",
+                    "rows",
+                    "groups",
+                    "created",
+                    "verified"
+                );
+                for v in &versions {
+                    println!(
+                        "{:<24} {:>7} {:<16} {:>12} {:>10} {:>6}  {:<20}  {:<8}  {}",
+                        v.dataset,
+                        v.version,
+                        &v.author[..v.author.len().min(16)],
+                        v.bytes,
+                        v.rows,
+                        v.row_groups,
+                        micros_to_time(v.created_at_micros),
+                        if v.problem.is_none() { "yes" } else { "NO" },
+                        v.location
+                    );
+                }
+            }
+        }
+        Command::Fetch {
+            dataset,
+            out,
+            version,
+            author,
+            stream,
+        } => {
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let fetched = client
+                .fetch(
+                    &args.s3.options(),
+                    &stream,
+                    &dataset,
+                    version,
+                    author.as_deref(),
+                    &out,
+                )
+                .await?;
+            let summary = serde_json::json!({
+                "ok": true,
+                "path": fetched.path,
+                "dataset": fetched.manifest.dataset,
+                "version": fetched.manifest.version,
+                "author": fetched.manifest.author.to_hex(),
+                "bytes": fetched.manifest.file_size,
+                "rows": fetched.manifest.rows,
+                "file_hash": fetched.manifest.file_hash,
+            });
+            if args.json {
+                println!("{summary}");
+            } else {
+                println!(
+                    "fetched {} v{} by {} ({} bytes, {} rows) -> {}: BLAKE3 {} and signature verified",
+                    fetched.manifest.dataset,
+                    fetched.manifest.version,
+                    fetched.manifest.author,
+                    fetched.manifest.file_size,
+                    fetched.manifest.rows,
+                    fetched.path.display(),
+                    fetched.manifest.file_hash
+                );
+            }
+        }
+        Command::Verify { file, manifest } => {
+            let manifest = rhio_client::verify(&file, &manifest)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": true,
+                        "dataset": manifest.dataset,
+                        "version": manifest.version,
+                        "author": manifest.author.to_hex(),
+                        "file_hash": manifest.file_hash,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: {} v{} by {}, BLAKE3 {} and signature verified",
+                    file.display(),
+                    manifest.dataset,
+                    manifest.version,
+                    manifest.author,
+                    manifest.file_hash
                 );
             }
         }

@@ -3,11 +3,10 @@
 //! This crate owns what every rhio process must agree on byte for byte: how keys are written,
 //! how a network name becomes a network id, the signed operation format and routed message
 //! bodies with their provenance headers, subject filters, the sync protocol's frames, the
-//! row-group partition of Parquet files, dataset manifests (and their signed form), the OCI
-//! artifact of a version, blob range requests and the
-//! replication plan (which bytes to fetch, and the whole-file hash from parts). Nothing here
-//! touches a socket, a file or a clock it was not handed, so all of it is unit-tested without
-//! servers.
+//! row-group partition of Parquet files, the S3 layout, dataset manifests (and their signed
+//! form), the OCI artifact of a version, blob range requests and the replication plan (which
+//! bytes to fetch, and the whole-file hash from parts). Nothing here touches a socket, a file or
+//! a clock it was not handed, so all of it is unit-tested without servers.
 //!
 //! ```
 //! use rhio_core::identity::{PrivateKey, PublicKey};
@@ -20,6 +19,7 @@
 
 pub mod blobs;
 pub mod identity;
+pub mod layout;
 pub mod manifest;
 pub mod message;
 pub mod network;

@@ -234,13 +234,14 @@ pub struct Provenance {
     pub timestamp_micros: u64,
 }
 
-/// Checks a received message against its `X-Rhio-*` headers: the signature, the author, the
-/// subject, and that payload and routable headers are exactly what the author signed.
-pub fn verify_provenance(
-    subject: &str,
+/// The signed operation header a message or dataset announcement carries (`X-Rhio-Operation`),
+/// checked: its signature verifies, and `X-Rhio-PublicKey`, `X-Rhio-Signature` and (when
+/// present) `Nats-Msg-Id` agree with it. Returns the header's bytes and the decoded header; what
+/// the operation signs (the message, or a dataset's manifest) is the caller's to check against
+/// `payload_hash`.
+pub fn operation_header(
     headers: &[(String, String)],
-    payload: &[u8],
-) -> Result<Provenance, ProvenanceError> {
+) -> Result<(Vec<u8>, crate::operation::RhioHeader), ProvenanceError> {
     let get = |name: &'static str| {
         headers
             .iter()
@@ -266,6 +267,19 @@ pub fn verify_provenance(
     {
         return Err(ProvenanceError::Mismatch(HEADER_MSG_ID));
     }
+    Ok((header_bytes, header))
+}
+
+/// Checks a received message against its `X-Rhio-*` headers: the signature, the author, the
+/// subject, and that payload and routable headers are exactly what the author signed.
+pub fn verify_provenance(
+    subject: &str,
+    headers: &[(String, String)],
+    payload: &[u8],
+) -> Result<Provenance, ProvenanceError> {
+    let (header_bytes, header) = operation_header(headers)?;
+    let author = PublicKey::from(header.verifying_key);
+    let hash = p2panda_core::Hash::digest(&header_bytes).to_hex();
     if header.extensions.log != LogId::Message(subject.to_string()) {
         return Err(ProvenanceError::Mismatch("subject"));
     }

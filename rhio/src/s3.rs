@@ -26,38 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::S3Config;
 use crate::metrics::{Metrics, OutcomeLabels};
 
-/// Every object key rhio writes, in one place: the S3 layout of `../shared/PRODUCT.md`.
-pub mod keys {
-    use rhio_core::identity::PublicKey;
-
-    /// rhio's own objects in the bucket (outboards, manifests) live under this hidden prefix.
-    pub const SIDECAR_PREFIX: &str = ".rhio";
-
-    /// This cluster's own import of `dataset` version `version`.
-    pub fn own_version(dataset: &str, version: u64) -> String {
-        format!("datasets/{dataset}/v{version}.parquet")
-    }
-
-    /// A version of another author replicated here: beside (never over) local imports.
-    pub fn replica_version(dataset: &str, author: &PublicKey, version: u64) -> String {
-        format!("datasets/{dataset}/{author}/v{version}.parquet")
-    }
-
-    /// The signed manifest of a version: `author` is `None` for this cluster's own datasets.
-    pub fn manifest(dataset: &str, author: Option<&PublicKey>, version: u64) -> String {
-        match author {
-            None => format!("{SIDECAR_PREFIX}/manifests/{dataset}/v{version}.cbor"),
-            Some(author) => {
-                format!("{SIDECAR_PREFIX}/manifests/{dataset}/{author}/v{version}.cbor")
-            }
-        }
-    }
-
-    /// A blob's bao outboard (post order, no size prefix).
-    pub fn outboard(hash: &blake3::Hash) -> String {
-        format!("{SIDECAR_PREFIX}/outboards/{}.obao4", hash.to_hex())
-    }
-}
+/// Every object key rhio writes, in one place (shared with clients through `rhio-core`).
+pub use rhio_core::layout as keys;
 
 /// Longest a single bucket check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);

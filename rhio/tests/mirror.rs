@@ -262,6 +262,33 @@ fn imported_and_replicated_versions_are_pushed_pulled_back_identical_and_dedupli
             signed.manifest.file_hash,
             blake3::hash(&bytes).to_hex().to_string()
         );
+        // What a consumer holding the pulled files does: `rhio-client verify`.
+        let (parquet, manifest) = (
+            out.join("weather.parquet"),
+            out.join("weather.rhio-manifest"),
+        );
+        let (code, stdout, stderr) = common::cli(
+            &[
+                "verify",
+                parquet.to_str().unwrap(),
+                manifest.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(&key_a), "{stdout}");
+        let mut changed = bytes.clone();
+        changed[bytes.len() / 2] ^= 0x01;
+        std::fs::write(&parquet, changed).unwrap();
+        let (code, _, stderr) = common::cli(
+            &[
+                "verify",
+                parquet.to_str().unwrap(),
+                manifest.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 3, "{stderr}");
     }
 
     // A second version: its three blobs (config, file, signed manifest) are uploaded once.

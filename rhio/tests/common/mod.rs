@@ -722,3 +722,30 @@ pub fn make_parquet(args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The `rhio-client` binary beside the `rhio` one (`cargo build --workspace`, which `./dev/test`
+/// runs first, builds both).
+pub fn client_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_rhio")).with_file_name("rhio-client");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the `rhio-client` CLI: (exit code, stdout, stderr).
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = Command::new(client_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
