@@ -1608,6 +1608,12 @@ fn main() {
             baseline,
             ratio,
         ));
+        // Where a push's time went: reading from S3 vs uploading (they overlap).
+        for line in bench.node.log().lines() {
+            if line.contains("Parquet layer streamed") {
+                eprintln!("bench: mirror: {line}");
+            }
+        }
         let rss = peak_rss_mib(bench.node.pid());
         rows.push((
             "memory".into(),

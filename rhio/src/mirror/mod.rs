@@ -618,26 +618,40 @@ impl Mirror {
                 b3: blake3::Hasher::new(),
             };
             let mut in_flight: Option<Bytes> = None;
+            // Time spent reading from S3 and uploading (they overlap): which one limits a push.
+            let (mut reading, mut sending) = (Duration::ZERO, Duration::ZERO);
+            let started = std::time::Instant::now();
             loop {
-                let read = reader.next_chunk();
-                let send = async {
-                    match in_flight.take() {
-                        Some(chunk) => {
-                            let len = chunk.len() as u64;
-                            registry.upload_chunk(&mut upload, chunk).await?;
-                            inner.metrics.mirror_bytes_pushed.inc_by(len);
-                            Ok::<_, PushError>(())
-                        }
-                        None => Ok(()),
-                    }
+                let read = async {
+                    let start = std::time::Instant::now();
+                    let chunk = reader.next_chunk().await;
+                    (chunk, start.elapsed())
                 };
-                let (read, sent) = tokio::join!(read, send);
-                sent?;
+                let send = async {
+                    let start = std::time::Instant::now();
+                    if let Some(chunk) = in_flight.take() {
+                        let len = chunk.len() as u64;
+                        registry.upload_chunk(&mut upload, chunk).await?;
+                        inner.metrics.mirror_bytes_pushed.inc_by(len);
+                    }
+                    Ok::<_, PushError>(start.elapsed())
+                };
+                let ((read, read_time), sent) = tokio::join!(read, send);
+                sending += sent?;
+                reading += read_time;
                 match read? {
                     Some(chunk) => in_flight = Some(chunk),
                     None => break,
                 }
             }
+            tracing::debug!(
+                key,
+                bytes = size,
+                secs = started.elapsed().as_secs_f64(),
+                read_secs = reading.as_secs_f64(),
+                upload_secs = sending.as_secs_f64(),
+                "Parquet layer streamed"
+            );
             let blake3 = reader.b3.finalize().to_hex().to_string();
             if blake3 != manifest.file_hash {
                 return Err(PushError::Source(format!(
