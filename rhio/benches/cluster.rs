@@ -29,7 +29,8 @@ use serde_json::{Value, json};
 
 struct Settings {
     quick: bool,
-    /// `--only <scenario>` (import, replication, messages): run just that one (and the limits).
+    /// `--only <scenario>` (import, replication, messages, mirror): run just that one (and the
+    /// limits).
     only: Option<String>,
     runs: usize,
     burst: usize,
