@@ -393,9 +393,11 @@ fn messages_are_routed_while_a_dataset_replicates() {
         + "\n[replication]\nparts_in_flight = 1\n";
     let [_node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "big");
+    // Moving bytes already (a transfer that is only planned would prove no overlap).
     wait_for("a transfer in progress", WAIT, || {
         let (_, health) = node_b.health()?;
-        (!health["datasets"]["transfers"].as_array()?.is_empty()).then_some(())
+        let transfer = health["datasets"]["transfers"].as_array()?.first()?.clone();
+        (transfer["bytes_fetched"].as_u64()? > 0).then_some(())
     });
     for i in 0..20 {
         runtime().block_on(common::js_publish(
