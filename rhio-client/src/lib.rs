@@ -3,7 +3,8 @@
 //! Ask a node for its status, import Parquet files, publish messages for rhio to route, follow
 //! routed messages with their provenance checked, list the dataset versions in the cluster,
 //! fetch one from the cluster's S3 verified against its signed manifest ([`datasets`]), verify a
-//! file against a signed manifest file (as the registry mirror ships it), and make node keys.
+//! file against a signed manifest file (as the registry mirror ships it), read the cluster's
+//! state as Arrow tables ([`state`]), and make node keys.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), rhio_client::ClientError> {
@@ -18,8 +19,10 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub mod datasets;
+pub mod state;
 
 pub use datasets::{DEFAULT_DATASET_STREAM, DatasetVersion, Fetched, S3Options, verify};
+pub use state::ClusterState;
 
 /// Subject of the node's status service.
 pub const STATUS_SUBJECT: &str = "rhio.status";

@@ -114,6 +114,17 @@ enum Command {
         #[arg(long, default_value = rhio_client::DEFAULT_DATASET_STREAM)]
         stream: String,
     },
+    /// The cluster's state as tables: peers, datasets, transfers.
+    State {
+        /// table (aligned text), json, csv or parquet (csv and parquet need --out).
+        #[arg(long, default_value = "table")]
+        format: StateFormat,
+        /// Directory to write peers.<ext>, datasets.<ext> and transfers.<ext> into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = rhio_client::DEFAULT_DATASET_STREAM)]
+        stream: String,
+    },
     /// Check a file against a signed manifest file (the `.rhio-manifest` an OCI pull gives).
     Verify { file: PathBuf, manifest: PathBuf },
     /// Make a new node key; prints the public key.
@@ -122,6 +133,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StateFormat {
+    Table,
+    Json,
+    Csv,
+    Parquet,
 }
 
 /// Exit codes: 0 success, 1 the node, NATS or S3 failed (or answered an error), 2 usage (bad
@@ -327,6 +346,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     fetched.path.display(),
                     fetched.manifest.file_hash
                 );
+            }
+        }
+        Command::State {
+            format,
+            out,
+            stream,
+        } => {
+            use rhio_client::state;
+            let client = rhio_client::Client::connect(&args.nats).await?;
+            let tables = client.cluster_state(&stream).await?;
+            let format = if args.json { StateFormat::Json } else { format };
+            let ext = match format {
+                StateFormat::Table => "txt",
+                StateFormat::Json => "json",
+                StateFormat::Csv => "csv",
+                StateFormat::Parquet => "parquet",
+            };
+            let render = |batch: &arrow_array::RecordBatch| -> String {
+                match format {
+                    StateFormat::Table => state::to_text(batch, 24),
+                    StateFormat::Csv => state::to_csv(batch),
+                    _ => serde_json::to_string_pretty(&state::to_json_rows(batch))
+                        .expect("rows serialize"),
+                }
+            };
+            match (&out, format) {
+                (Some(dir), _) => {
+                    std::fs::create_dir_all(dir).map_err(|err| {
+                        rhio_client::ClientError::Io(format!("{}: {err}", dir.display()))
+                    })?;
+                    for (name, batch) in tables.tables() {
+                        let path = dir.join(format!("{name}.{ext}"));
+                        match format {
+                            StateFormat::Parquet => state::write_parquet(batch, &path)?,
+                            _ => std::fs::write(&path, render(batch)).map_err(|err| {
+                                rhio_client::ClientError::Io(format!("{}: {err}", path.display()))
+                            })?,
+                        }
+                        eprintln!("{name}: {} rows -> {}", batch.num_rows(), path.display());
+                    }
+                }
+                (None, StateFormat::Parquet | StateFormat::Csv) => {
+                    return Err(rhio_client::ClientError::Usage(
+                        "--format csv and parquet write files: name a directory with --out".into(),
+                    )
+                    .into());
+                }
+                (None, StateFormat::Json) => {
+                    let object: serde_json::Map<String, serde_json::Value> = tables
+                        .tables()
+                        .into_iter()
+                        .map(|(name, batch)| (name.to_string(), state::to_json_rows(batch).into()))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&object)?);
+                }
+                (None, StateFormat::Table) => {
+                    for (name, batch) in tables.tables() {
+                        println!("{name} ({} rows)", batch.num_rows());
+                        print!("{}", render(batch));
+                        println!();
+                    }
+                }
             }
         }
         Command::Verify { file, manifest } => {

@@ -161,6 +161,51 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
     let (code, _, _) = cli(&["--nats", "nats://127.0.0.1:1", "datasets"], &[]);
     assert_eq!(code, 1);
 
+    // Cluster state: B sees A connected and A's dataset; the CLI prints and writes the tables.
+    let state = runtime().block_on(async {
+        let client = rhio_client::Client::connect(&cluster_b.nats_url)
+            .await
+            .unwrap();
+        client.cluster_state("DATASETS").await.unwrap()
+    });
+    let peers = rhio_client::state::to_json_rows(&state.peers);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0]["public_key"], key_a.as_str());
+    assert_eq!(peers[0]["state"], "connected");
+    let datasets = rhio_client::state::to_json_rows(&state.datasets);
+    assert_eq!(datasets[0]["dataset"], "weather");
+    assert_eq!(datasets[0]["verified"], true);
+    assert_eq!(state.transfers.num_rows(), 0);
+    let (code, stdout, stderr) = cli(&["--nats", nats, "state"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("peers (1 rows)") && stdout.contains("connected"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = cli(&["--nats", nats, "--json", "state"], &[]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["datasets"][0]["rows"], version.rows);
+    let state_dir = tmp.path().join("state");
+    let (code, _, stderr) = cli(
+        &[
+            "--nats",
+            nats,
+            "state",
+            "--format",
+            "csv",
+            "--out",
+            state_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let csv = std::fs::read_to_string(state_dir.join("datasets.csv")).unwrap();
+    assert!(csv.starts_with("dataset,author,version,"), "{csv}");
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    let (code, _, _) = cli(&["--nats", nats, "state", "--format", "parquet"], &[]);
+    assert_eq!(code, 2, "parquet without --out is a usage error");
+
     // One flipped byte in B's copy: the fetch fails verification (exit 3) and leaves nothing.
     let key = version.location.strip_prefix("s3://rhio/").unwrap();
     let object = env.s3_object_path(1, key);

@@ -157,6 +157,25 @@ impl Client {
         Ok(summary.to_string())
     }
 
+    /// The cluster's state: (table name, Arrow IPC stream bytes) for peers, datasets,
+    /// transfers.
+    fn cluster_state(&self, py: Python<'_>) -> PyResult<Vec<(String, Py<PyBytes>)>> {
+        let state = py
+            .detach(|| {
+                self.runtime
+                    .block_on(self.inner.cluster_state(&self.stream))
+            })
+            .map_err(raise)?;
+        Ok(state
+            .tables()
+            .into_iter()
+            .map(|(name, batch)| {
+                let bytes = rhio_client::state::to_ipc(batch);
+                (name.to_string(), PyBytes::new(py, &bytes).unbind())
+            })
+            .collect())
+    }
+
     /// Follows messages on `subject`; each one with its verified provenance.
     fn subscribe(&self, py: Python<'_>, subject: String) -> PyResult<Subscription> {
         let (sender, receiver) = tokio::sync::mpsc::channel(SUBSCRIPTION_BUFFER);

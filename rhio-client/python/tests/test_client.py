@@ -290,3 +290,34 @@ def test_verify_a_file_against_the_signed_manifest_from_the_registry(clusters, w
     with pytest.raises(rhio_client.RhioError) as err:
         rhio_client.verify(parquet, tmp_path / "missing.rhio-manifest")
     assert err.value.code == "io"
+
+
+def test_cluster_state_tables_have_the_documented_schemas(clusters, weather, tmp_path):
+    for me, other in (("a", "b"), ("b", "a")):
+        state = client_of(clusters[me]).cluster_state()
+        assert sorted(state) == ["datasets", "peers", "transfers"]
+        peers = state["peers"]
+        assert peers.schema.names == [
+            "public_key", "addresses", "state", "last_seen_secs_ago", "rtt_ms", "last_error"]
+        assert peers.column("public_key").to_pylist() == [clusters["keys"][other]]
+        assert peers.column("state").to_pylist() == ["connected"]
+    state = asyncio.run(client_of(clusters["b"]).cluster_state_async())
+    datasets = state["datasets"]
+    assert datasets.schema.names == [
+        "dataset", "author", "version", "rows", "bytes", "row_groups", "file_hash", "local",
+        "location", "created", "verified"]
+    assert str(datasets.schema.field("created").type) == "timestamp[us, tz=UTC]"
+    row = datasets.to_pylist()[0]
+    assert row["dataset"] == "weather" and row["rows"] == 20_000 and row["verified"]
+    assert state["transfers"].schema.names == [
+        "dataset", "author", "version", "bytes_done", "bytes_total", "bytes_fetched",
+        "rate_mib_s", "parts_done", "parts_total", "peers"]
+    # The CLI writes the same tables as Parquet files pyarrow reads.
+    cli = rhio_bin().with_name("rhio-client")
+    subprocess.run(
+        [str(cli), "--nats", clusters["b"].nats_url, "state", "--format", "parquet",
+         "--out", str(tmp_path)],
+        check=True, capture_output=True,
+    )
+    assert pq.read_table(tmp_path / "datasets.parquet").equals(datasets)
+    assert pq.read_table(tmp_path / "peers.parquet").num_rows == 1

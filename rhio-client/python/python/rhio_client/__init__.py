@@ -3,7 +3,8 @@
 Signing and verification are the Rust ``rhio-client`` crate's (this package wraps it): list the
 dataset versions in a cluster, fetch one from the cluster's S3 verified against its signed
 manifest, read it as a ``pyarrow.Table``, verify a file against a signed manifest file, import
-Parquet files, publish messages and follow routed ones with their provenance checked.
+Parquet files, publish messages and follow routed ones with their provenance checked, and see
+the cluster's state (peers, datasets, transfers) as ``pyarrow.Table``s.
 
     >>> import rhio_client
     >>> client = rhio_client.Client("nats://127.0.0.1:4222", s3_endpoint="http://127.0.0.1:9000",
@@ -291,6 +292,16 @@ class Client:
             self.fetch(name, path, version=version, author=author)
             return pq.read_table(path, memory_map=False)
 
+    def cluster_state(self) -> dict[str, Any]:
+        """The cluster's state as ``pyarrow.Table``s: ``peers``, ``datasets``, ``transfers``
+        (columns documented in the README, "Clients")."""
+        import pyarrow.ipc
+
+        return {
+            name: pyarrow.ipc.open_stream(data).read_all()
+            for name, data in _call(self._native.cluster_state)
+        }
+
     def subscribe(self, subject: str) -> Subscription:
         """Follows messages on ``subject`` (wildcards allowed), each with its provenance."""
         return Subscription(_call(self._native.subscribe, subject))
@@ -313,6 +324,9 @@ class Client:
 
     async def read_dataset_async(self, name: str, **kwargs):
         return await asyncio.to_thread(self.read_dataset, name, **kwargs)
+
+    async def cluster_state_async(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.cluster_state)
 
 
 def verify(file: str | os.PathLike, manifest: str | os.PathLike) -> dict[str, Any]:
