@@ -161,9 +161,25 @@ impl Client {
         author: Option<&str>,
         dest: &Path,
     ) -> Result<Fetched, ClientError> {
+        self.fetch_with_progress(s3, stream, dataset, version, author, dest, &|_, _| {})
+            .await
+    }
+
+    /// [`Client::fetch`], calling `progress(bytes done, bytes total)` as the file arrives.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_with_progress(
+        &self,
+        s3: &S3Options,
+        stream: &str,
+        dataset: &str,
+        version: Option<u64>,
+        author: Option<&str>,
+        dest: &Path,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Fetched, ClientError> {
         let versions = self.datasets(stream).await?;
         let chosen = choose(&versions, dataset, version, author)?;
-        fetch_version(s3, chosen, dest).await
+        fetch_version(s3, chosen, dest, progress).await
     }
 }
 
@@ -294,6 +310,7 @@ pub async fn fetch_version(
     s3: &S3Options,
     version: &DatasetVersion,
     dest: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Fetched, ClientError> {
     if let Some(problem) = &version.problem {
         return Err(ClientError::Verification(format!(
@@ -362,6 +379,7 @@ pub async fn fetch_version(
         {
             hasher.update(&piece);
             written += piece.len() as u64;
+            progress(written, manifest.file_size);
             file.write_all(&piece)
                 .await
                 .map_err(|err| ClientError::Io(format!("{}: {err}", partial.display())))?;

@@ -223,27 +223,37 @@ impl Client {
     ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::json!({"path": path, "dataset": dataset, "subject": subject});
         let body = serde_json::to_vec(&body).expect("request serializes");
-        let subject_name = "rhio.import";
+        let answer = self.request("rhio.import", body, timeout).await?;
+        serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+            subject: "rhio.import".into(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Sends a core NATS request and returns the answer's payload.
+    pub async fn request(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         let request = async_nats::Request::new()
             .payload(body.into())
             .timeout(Some(timeout));
         let message = self
             .nats
-            .send_request(subject_name.to_string(), request)
+            .send_request(subject.to_string(), request)
             .await
             .map_err(|err| match err.kind() {
                 async_nats::RequestErrorKind::NoResponders => ClientError::NoNode {
-                    subject: subject_name.into(),
+                    subject: subject.into(),
                 },
                 _ => ClientError::Request {
-                    subject: subject_name.into(),
+                    subject: subject.into(),
                     reason: err.to_string(),
                 },
             })?;
-        serde_json::from_slice(&message.payload).map_err(|err| ClientError::BadAnswer {
-            subject: subject_name.into(),
-            reason: err.to_string(),
-        })
+        Ok(message.payload.to_vec())
     }
 
     /// The underlying NATS client (for progress subscriptions and the like).

@@ -10,14 +10,13 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(version, about = "Drive and observe rhio nodes")]
 struct Args {
-    /// NATS server of the node's cluster.
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats: String,
+    /// NATS server of the node's cluster [default: nats://127.0.0.1:4222].
+    #[arg(long, global = true, env = "NATS_URL")]
+    nats: Option<String>,
+    /// A client config file (TOML: `nats = "..."`, `[s3]` endpoint, bucket, access_key,
+    /// secret_key); flags and environment variables win over it.
+    #[arg(long, global = true, env = "RHIO_CLIENT_CONFIG")]
+    config: Option<PathBuf>,
     /// Print results as JSON (for scripts) instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -33,9 +32,9 @@ struct S3Args {
     /// S3 endpoint of the node's cluster.
     #[arg(long, global = true, env = "RHIO_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
-    /// The node's bucket.
-    #[arg(long, global = true, env = "RHIO_S3_BUCKET", default_value = "rhio")]
-    s3_bucket: String,
+    /// The node's bucket [default: rhio].
+    #[arg(long, global = true, env = "RHIO_S3_BUCKET")]
+    s3_bucket: Option<String>,
     #[arg(long, global = true, env = "RHIO_S3_ACCESS_KEY")]
     s3_access_key: Option<String>,
     #[arg(
@@ -47,21 +46,72 @@ struct S3Args {
     s3_secret_key: Option<String>,
 }
 
-impl S3Args {
-    fn options(&self) -> rhio_client::S3Options {
-        rhio_client::S3Options {
-            endpoint: self.s3_endpoint.clone().unwrap_or_default(),
-            bucket: self.s3_bucket.clone(),
-            region: None,
-            access_key: self.s3_access_key.clone(),
-            secret_key: self.s3_secret_key.clone(),
-        }
+/// The client config file (`--config`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    nats: Option<String>,
+    #[serde(default)]
+    s3: FileS3,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileS3 {
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+}
+
+impl ClientConfig {
+    fn load(path: Option<&std::path::Path>) -> Result<Self, rhio_client::ClientError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| rhio_client::ClientError::Usage(format!("{}: {err}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|err| rhio_client::ClientError::Usage(format!("{}: {err}", path.display())))
     }
+}
+
+/// Where to reach the node, from flags, environment and the config file (in that order).
+struct Resolved {
+    nats: String,
+    s3: rhio_client::S3Options,
+}
+
+fn resolve(args: &Args) -> Result<Resolved, rhio_client::ClientError> {
+    let file = ClientConfig::load(args.config.as_deref())?;
+    let s3 = &args.s3;
+    Ok(Resolved {
+        nats: args
+            .nats
+            .clone()
+            .or(file.nats)
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+        s3: rhio_client::S3Options {
+            endpoint: s3
+                .s3_endpoint
+                .clone()
+                .or(file.s3.endpoint)
+                .unwrap_or_default(),
+            bucket: s3
+                .s3_bucket
+                .clone()
+                .or(file.s3.bucket)
+                .unwrap_or_else(|| "rhio".into()),
+            region: None,
+            access_key: s3.s3_access_key.clone().or(file.s3.access_key),
+            secret_key: s3.s3_secret_key.clone().or(file.s3.secret_key),
+        },
+    })
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the node's status (peers, NATS, S3) as JSON.
+    /// Print the node's status (NATS, S3, peers, routing, datasets, mirror); --json: all of it.
     Status,
     /// Import a Parquet file (a path under the node's import roots, or s3://bucket/key).
     Import {
@@ -91,7 +141,21 @@ enum Command {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<usize>,
+        /// Only these authors count as trusted (repeatable); others are marked untrusted.
+        #[arg(long = "trust")]
+        trusted: Vec<String>,
     },
+    /// Send a NATS request and print the answer (a stand-in for `nats request`).
+    Request {
+        subject: String,
+        #[arg(default_value = "")]
+        body: String,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// List the dataset versions available in the cluster (all authors).
     Datasets {
         /// JetStream stream the node announces datasets into (its datasets.stream).
@@ -178,16 +242,89 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The node's status for people (`--json` prints the whole document).
+fn status_text(s: &serde_json::Value) -> String {
+    let yes = |v: &serde_json::Value| if v == true { "yes" } else { "NO" };
+    let mut out = format!(
+        "node      {} ({}), up {} s, rhio {}\n",
+        s["public_key"].as_str().unwrap_or("?"),
+        s["status"].as_str().unwrap_or("?"),
+        s["uptime_secs"],
+        s["version"].as_str().unwrap_or("?")
+    );
+    out += &format!(
+        "NATS      {} connected: {}\n",
+        s["nats"]["endpoint"].as_str().unwrap_or("?"),
+        yes(&s["nats"]["connected"])
+    );
+    out += &format!(
+        "S3        {} bucket {} reachable: {}\n",
+        s["s3"]["endpoint"].as_str().unwrap_or("?"),
+        s["s3"]["bucket"].as_str().unwrap_or("?"),
+        yes(&s["s3"]["reachable"])
+    );
+    out += &format!(
+        "peers     {} of {} connected\n",
+        s["peers"]["connected"], s["peers"]["known"]
+    );
+    let r = &s["routing"];
+    out += &format!(
+        "messages  signed {}, received {}, delivered {}, rejected {}, dead-lettered {}\n",
+        r["signed"], r["received"], r["delivered"], r["rejected"], r["dead_lettered"]
+    );
+    let d = &s["datasets"];
+    out += &format!(
+        "datasets  {} blobs, {} versions replicated, {} transfers, {} announcements pending, {} failed\n",
+        d["blobs"],
+        d["versions_replicated"],
+        d["transfers"].as_array().map_or(0, Vec::len),
+        d["announcements_pending"],
+        d["failed"].as_array().map_or(0, Vec::len)
+    );
+    if let Some(m) = s.get("mirror").filter(|m| !m.is_null()) {
+        out += &format!(
+            "mirror    {} ({}): {} pushed, {} pending{}\n",
+            m["registry"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["pushed"],
+            m["pending"],
+            m["last_error"]
+                .as_str()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// A byte progress bar on stderr (indicatif draws nothing when stderr is not a terminal).
+fn bytes_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
 fn micros_to_time(micros: u64) -> String {
     rhio_core::oci::rfc3339_from_micros(micros)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let node = resolve(&args)?;
     match args.command {
         Command::Status => {
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let status = client.status().await?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status_text(&status));
+            }
         }
         Command::Import {
             path,
@@ -196,19 +333,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             timeout,
         } => {
             use futures::StreamExt;
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let mut progress = client.nats().subscribe("rhio.progress.>").await?;
+            // A progress bar on a terminal; nothing when stderr is not one.
+            let bar = bytes_bar();
+            let shown = bar.clone();
             let printer = tokio::spawn(async move {
                 while let Some(event) = progress.next().await {
                     if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&event.payload) {
-                        let done = event["bytes_done"].as_u64().unwrap_or(0);
-                        let total = event["bytes_total"].as_u64().unwrap_or(0).max(1);
-                        eprint!(
-                            "\r{}: {:>5.1}% of {} MiB",
-                            event["dataset"].as_str().unwrap_or("?"),
-                            done as f64 * 100.0 / total as f64,
-                            total >> 20
-                        );
+                        shown.set_length(event["bytes_total"].as_u64().unwrap_or(0));
+                        shown.set_position(event["bytes_done"].as_u64().unwrap_or(0));
+                        shown.set_message(event["dataset"].as_str().unwrap_or("").to_string());
                     }
                 }
             });
@@ -221,7 +356,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
                 .await?;
             printer.abort();
-            eprintln!();
+            bar.finish_and_clear();
             println!("{}", serde_json::to_string_pretty(&answer)?);
             if answer["ok"] != true {
                 anyhow::bail!(
@@ -245,20 +380,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("header {h:?} is not NAME:VALUE"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let seq = client
                 .publish(&subject, &headers, message.into_bytes())
                 .await?;
             println!("published {subject} (stream sequence {seq})");
         }
-        Command::Subscribe { subject, count } => {
+        Command::Subscribe {
+            subject,
+            count,
+            trusted,
+        } => {
             use futures::StreamExt;
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let messages = client.subscribe(&subject).await?;
             let mut messages = std::pin::pin!(messages.take(count.unwrap_or(usize::MAX)));
             eprintln!("listening on {subject}");
             while let Some(message) = messages.next().await {
                 let origin = match &message.provenance {
+                    Ok(proof)
+                        if !trusted.is_empty()
+                            && !trusted.iter().any(|key| *key == proof.author.to_hex()) =>
+                    {
+                        format!(
+                            "author {} seq {} verified, untrusted",
+                            proof.author, proof.seq
+                        )
+                    }
                     Ok(proof) => format!("author {} seq {} verified", proof.author, proof.seq),
                     Err(err) => format!("not verified: {err}"),
                 };
@@ -271,7 +419,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Datasets { stream } => {
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let versions = client.datasets(&stream).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&versions)?);
@@ -312,17 +460,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             author,
             stream,
         } => {
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
+            let bar = bytes_bar();
+            bar.set_message(dataset.clone());
             let fetched = client
-                .fetch(
-                    &args.s3.options(),
+                .fetch_with_progress(
+                    &node.s3,
                     &stream,
                     &dataset,
                     version,
                     author.as_deref(),
                     &out,
+                    &|done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    },
                 )
-                .await?;
+                .await;
+            bar.finish_and_clear();
+            let fetched = fetched?;
             let summary = serde_json::json!({
                 "ok": true,
                 "path": fetched.path,
@@ -354,7 +510,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stream,
         } => {
             use rhio_client::state;
-            let client = rhio_client::Client::connect(&args.nats).await?;
+            let client = rhio_client::Client::connect(&node.nats).await?;
             let tables = client.cluster_state(&stream).await?;
             let format = if args.json { StateFormat::Json } else { format };
             let ext = match format {
@@ -433,6 +589,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     manifest.file_hash
                 );
             }
+        }
+        Command::Request {
+            subject,
+            body,
+            timeout,
+        } => {
+            let client = rhio_client::Client::connect(&node.nats).await?;
+            let answer = client
+                .request(
+                    &subject,
+                    body.into_bytes(),
+                    std::time::Duration::from_secs_f64(timeout),
+                )
+                .await?;
+            println!("{}", String::from_utf8_lossy(&answer));
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "rhio-client",
+                &mut std::io::stdout(),
+            );
         }
         Command::Keygen { out } => {
             let (private, public) = rhio_client::generate_key();

@@ -135,6 +135,53 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
     assert_eq!(answer["version"], 0);
     assert!(std::fs::read(&cli_out).unwrap() == bytes);
 
+    // The same node and S3 from a client config file instead of flags.
+    let config = tmp.path().join("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nats = \"{nats}\"\n[s3]\nendpoint = \"{}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\n",
+            cluster_b.s3_endpoint, cluster_b.s3_access_key, cluster_b.s3_secret_key
+        ),
+    )
+    .unwrap();
+    let from_config = out_dir.join("config.parquet");
+    let (code, _, stderr) = cli(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "fetch",
+            "weather",
+            "--out",
+            from_config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read(&from_config).unwrap() == bytes);
+    // status for people and for scripts, any request, completions.
+    let (code, stdout, _) = cli(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("peers     1 of 1 connected"), "{stdout}");
+    let (code, stdout, _) = cli(&["--nats", nats, "--json", "status"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["status"],
+        "ok"
+    );
+    let (code, stdout, _) = cli(&["--nats", nats, "request", "rhio.status"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["peers"]["connected"],
+        1
+    );
+    let (code, stdout, _) = cli(&["completions", "bash"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("rhio-client") && stdout.contains("fetch"),
+        "{stdout}"
+    );
+
     // Usage errors exit 2 with a code: a dataset that is not there, no S3 endpoint.
     let (code, stdout, _) = cli(
         &[
