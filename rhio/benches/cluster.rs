@@ -11,6 +11,8 @@
 //!   at a fixed 500 msg/s, against a plain JetStream bridge A -> B without signing;
 //! - mirror: the push of an imported version to the local OCI registry (from the import's answer
 //!   until the mirror recorded it) against PyPI `oras` pushing the same file to the same registry;
+//! - client: `fetch` of a 1 GiB dataset (verified) against a boto3 download of the same object,
+//!   and Python's `read_dataset` against `pyarrow.parquet.read_table` of a local copy;
 //! - memory: peak RSS of each rhio node.
 //!
 //! `--quick` runs every scenario once with small sizes (under two minutes); `--json FILE` writes
@@ -29,7 +31,7 @@ use serde_json::{Value, json};
 
 struct Settings {
     quick: bool,
-    /// `--only <scenario>` (import, replication, messages, mirror): run just that one (and the
+    /// `--only <scenario>` (import, replication, messages, client, mirror): run just that one (and the
     /// limits).
     only: Option<String>,
     runs: usize,
@@ -100,6 +102,7 @@ fn goal(scenario: &str, measure: &str) -> &'static str {
             "<= 20 ms"
         }
         ("mirror", _) => ">= 1.0x",
+        ("client", m) if m.starts_with("fetch") => ">= 0.9x",
         ("memory", _) => "<= 256 MiB",
         _ => "",
     }
@@ -149,6 +152,8 @@ fn runs_line(results: &serde_json::Map<String, Value>) -> String {
         ("bridge_runs", "bridge", "msg/s"),
         ("mirror_runs", "registry push rhio", "MiB/s"),
         ("mirror_oras_runs", "oras push", "MiB/s"),
+        ("fetch_runs", "fetch rhio", "MiB/s"),
+        ("fetch_boto3_runs", "boto3 download", "MiB/s"),
     ] {
         if let Some(runs) = results.get(key).and_then(Value::as_array) {
             let runs: Vec<String> = runs
@@ -654,7 +659,8 @@ async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
 
 // ------------------------------------------------------------------------------------- mirror
 
-/// One cluster with a node whose mirror pushes to the environment's registry (project `bench`).
+/// One cluster with a node (whose mirror pushes to the environment's registry, project `bench`,
+/// when there is one).
 struct MirrorBench {
     env: LocalEnv,
     _dir: tempfile::TempDir,
@@ -663,17 +669,27 @@ struct MirrorBench {
 }
 
 fn mirror_setup() -> MirrorBench {
-    let env = LocalEnv::with_registry(1, Registries::Anonymous);
+    single_node(true)
+}
+
+fn single_node(mirror: bool) -> MirrorBench {
+    let env = if mirror {
+        LocalEnv::with_registry(1, Registries::Anonymous)
+    } else {
+        LocalEnv::up(1)
+    };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let mut spec = NodeSpec::for_cluster(&env.clusters[0], &dir.path().join("node"));
     spec.import_roots = vec![data.clone()];
     spec.part_size_mib = IMPORT_PART_MIB;
-    spec.extra = format!(
-        "\n[mirror]\nenabled = true\nregistry = \"{}\"\nproject = \"bench\"\n",
-        env.registry.as_deref().expect("a registry")
-    );
+    if mirror {
+        spec.extra = format!(
+            "\n[mirror]\nenabled = true\nregistry = \"{}\"\nproject = \"bench\"\n",
+            env.registry.as_deref().expect("a registry")
+        );
+    }
     let node = RhioNode::start(spec);
     node.wait_healthy();
     MirrorBench {
@@ -787,6 +803,105 @@ print(time.monotonic() - start)
         }
     }
 }
+
+// ------------------------------------------------------------------------------------- client
+
+fn venv_python() -> std::path::PathBuf {
+    std::env::var_os("RHIODEV_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio")
+        })
+        .join("venv/bin/python")
+}
+
+/// Runs a Python snippet with the venv's Python; its last stdout line parsed as numbers
+/// (seconds), or `None` after a failure (recorded).
+fn python_secs(what: &str, script: &str, args: &[&str]) -> Option<Vec<f64>> {
+    let output = std::process::Command::new(venv_python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let secs: Option<Vec<f64>> = line.split_whitespace().map(|v| v.parse().ok()).collect();
+    match secs {
+        Some(secs) if output.status.success() && !secs.is_empty() => Some(secs),
+        _ => {
+            fail(format!(
+                "{what}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+            None
+        }
+    }
+}
+
+/// `fetch` through the Rust library (verified: announcement signature, manifest, BLAKE3) of
+/// `dataset` into `dest`; MiB/s, `None` after a failure.
+async fn fetch_rhio(bench: &MirrorBench, dataset: &str, dest: &std::path::Path) -> Option<f64> {
+    let cluster = &bench.env.clusters[0];
+    let client = rhio_client::Client::connect(&cluster.nats_url)
+        .await
+        .unwrap();
+    let s3 = rhio_client::S3Options {
+        endpoint: cluster.s3_endpoint.clone(),
+        bucket: cluster.s3_bucket.clone(),
+        region: None,
+        access_key: Some(cluster.s3_access_key.clone()),
+        secret_key: Some(cluster.s3_secret_key.clone()),
+    };
+    let start = Instant::now();
+    match client
+        .fetch(
+            &s3,
+            rhio_client::DEFAULT_DATASET_STREAM,
+            dataset,
+            None,
+            None,
+            dest,
+        )
+        .await
+    {
+        Ok(fetched) => {
+            let secs = start.elapsed().as_secs_f64();
+            Some(fetched.manifest.file_size as f64 / (1 << 20) as f64 / secs)
+        }
+        Err(err) => {
+            fail(format!("fetch of {dataset}: {err}"));
+            None
+        }
+    }
+}
+
+const BOTO3_DOWNLOAD: &str = r#"
+import sys, time, boto3
+endpoint, key_id, secret, bucket, key, dest = sys.argv[1:7]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key_id,
+                  aws_secret_access_key=secret, region_name="us-east-1")
+start = time.monotonic()
+s3.download_file(bucket, key, dest)
+print(time.monotonic() - start)
+"#;
+
+const READ_DATASET: &str = r#"
+import sys, time, pyarrow.parquet as pq, rhio_client
+nats, endpoint, key_id, secret, dataset, local = sys.argv[1:7]
+client = rhio_client.Client(nats, s3_endpoint=endpoint, s3_access_key=key_id, s3_secret_key=secret)
+start = time.monotonic()
+table = client.read_dataset(dataset)
+rhio = time.monotonic() - start
+start = time.monotonic()
+local_table = pq.read_table(local, memory_map=False)
+plain = time.monotonic() - start
+assert table.num_rows == local_table.num_rows
+print(rhio, plain)
+"#;
 
 // ----------------------------------------------------------------------------------- messages
 
@@ -1563,6 +1678,111 @@ fn main() {
             ));
             results.insert(format!("rss_node_{name}_mib"), json!(rss));
         }
+    }
+    if settings.wants("client") {
+        // client: fetch (verified) against a boto3 download of the same object, interleaved;
+        // read_dataset against pyarrow reading an already-local copy.
+        let bench = single_node(false);
+        let mib: u64 = if settings.quick { 64 } else { 1024 };
+        let file = bench.data.join("client.parquet");
+        common::make_parquet(&["sized", file.to_str().unwrap(), &mib.to_string(), "65536"]);
+        let cluster = bench.env.clusters[0].clone();
+        runtime.block_on(async {
+            let client = rhio_client::Client::connect(&cluster.nats_url)
+                .await
+                .unwrap();
+            let answer = client
+                .import(
+                    file.to_str().unwrap(),
+                    Some("client"),
+                    None,
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap();
+            assert_eq!(answer["ok"], true, "{answer}");
+        });
+        let key = "datasets/client/v0.parquet";
+        let (mut rhio_fetch, mut boto3) = (Vec::new(), Vec::new());
+        let (mut read_rhio, mut read_plain) = (Vec::new(), Vec::new());
+        let out = bench.data.join("fetched.parquet");
+        let len_mib = std::fs::metadata(&file).unwrap().len() as f64 / (1 << 20) as f64;
+        for _ in 0..settings.runs {
+            rhio_fetch.extend(runtime.block_on(fetch_rhio(&bench, "client", &out)));
+            let _ = std::fs::remove_file(&out);
+            if let Some(secs) = python_secs(
+                "boto3 download",
+                BOTO3_DOWNLOAD,
+                &[
+                    &cluster.s3_endpoint,
+                    &cluster.s3_access_key,
+                    &cluster.s3_secret_key,
+                    &cluster.s3_bucket,
+                    key,
+                    out.to_str().unwrap(),
+                ],
+            ) {
+                boto3.push(len_mib / secs[0]);
+            }
+            let _ = std::fs::remove_file(&out);
+            if let Some(secs) = python_secs(
+                "read_dataset",
+                READ_DATASET,
+                &[
+                    &cluster.nats_url,
+                    &cluster.s3_endpoint,
+                    &cluster.s3_access_key,
+                    &cluster.s3_secret_key,
+                    "client",
+                    file.to_str().unwrap(),
+                ],
+            ) {
+                read_rhio.push(secs[0]);
+                read_plain.push(secs[1]);
+            }
+        }
+        let _ = std::fs::remove_file(&file);
+        let row = |figure: Option<(String, String, String)>| {
+            figure.unwrap_or(("FAILED".into(), "FAILED".into(), "-".into()))
+        };
+        let fetch = (!rhio_fetch.is_empty() && !boto3.is_empty()).then(|| {
+            let (r, b) = (median(rhio_fetch.clone()), median(boto3.clone()));
+            results.insert("fetch_mib_s".into(), json!(r));
+            results.insert("fetch_boto3_mib_s".into(), json!(b));
+            (
+                format!("{r:.0} MiB/s"),
+                format!("{b:.0} MiB/s"),
+                format!("{:.2}x", r / b),
+            )
+        });
+        let (figure, baseline, ratio) = row(fetch);
+        rows.push((
+            "client".into(),
+            format!("fetch {mib} MiB verified (vs boto3 download_file)"),
+            figure,
+            baseline,
+            ratio,
+        ));
+        let read = (!read_rhio.is_empty()).then(|| {
+            let (r, p) = (median(read_rhio.clone()), median(read_plain.clone()));
+            results.insert("read_dataset_secs".into(), json!(r));
+            results.insert("read_table_local_secs".into(), json!(p));
+            (
+                format!("{r:.2} s"),
+                format!("{p:.2} s"),
+                format!("{:.2}x", r / p),
+            )
+        });
+        let (figure, baseline, ratio) = row(read);
+        rows.push((
+            "client".into(),
+            format!("read_dataset {mib} MiB (vs pyarrow read_table of a local copy)"),
+            figure,
+            baseline,
+            ratio,
+        ));
+        results.insert("fetch_runs".into(), json!(rhio_fetch));
+        results.insert("fetch_boto3_runs".into(), json!(boto3));
     }
     if settings.wants("mirror") {
         // mirror: a fresh file per round, pushed by rhio and by oras, in alternating order.
