@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::StreamExt;
 use rhio_core::manifest::{DatasetManifest, SignedManifest};
 use rhio_core::operation::SignedOperation;
 use serde::{Deserialize, Serialize};
@@ -179,7 +180,32 @@ impl Client {
     ) -> Result<Fetched, ClientError> {
         let versions = self.datasets(stream).await?;
         let chosen = choose(&versions, dataset, version, author)?;
+        let learned;
+        let s3 = if s3.endpoint.is_empty() {
+            learned = self.learn_s3(s3).await?;
+            &learned
+        } else {
+            s3
+        };
         fetch_version(s3, chosen, dest, progress).await
+    }
+
+    /// `s3` with the endpoint and bucket the node reports in its status (credentials stay the
+    /// caller's: the node never hands out secrets).
+    pub async fn learn_s3(&self, s3: &S3Options) -> Result<S3Options, ClientError> {
+        let status = self.status().await?;
+        let endpoint = status["s3"]["endpoint"].as_str().unwrap_or_default();
+        let bucket = status["s3"]["bucket"].as_str().unwrap_or_default();
+        if endpoint.is_empty() || bucket.is_empty() {
+            return Err(ClientError::Usage(
+                "no S3 endpoint: pass --s3-endpoint (or RHIO_S3_ENDPOINT); the node's status names none".into(),
+            ));
+        }
+        Ok(S3Options {
+            endpoint: endpoint.to_string(),
+            bucket: bucket.to_string(),
+            ..s3.clone()
+        })
     }
 }
 
@@ -365,18 +391,40 @@ pub async fn fetch_version(
     }
     let partial = partial_path(dest);
     let result = async {
-        let mut object = get(key.to_string()).await?;
         let mut file = tokio::fs::File::create(&partial)
             .await
             .map_err(|err| ClientError::Io(format!("{}: {err}", partial.display())))?;
         let mut hasher = blake3::Hasher::new();
         let mut written = 0u64;
-        while let Some(piece) = object
-            .body
-            .try_next()
-            .await
-            .map_err(|err| s3_error(key, err))?
-        {
+        // Ranged GETs in parallel (one GET stream is slower than most S3 servers), written and
+        // hashed in order as they complete.
+        let size = manifest.file_size;
+        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(FETCH_PIECE))
+            .map(|i| (i * FETCH_PIECE, FETCH_PIECE.min(size - i * FETCH_PIECE)))
+            .collect();
+        let mut pieces = futures::stream::iter(ranges)
+            .map(|(offset, length)| {
+                let client = client.clone();
+                let bucket = s3.bucket.clone();
+                async move {
+                    client
+                        .get_object()
+                        .bucket(bucket)
+                        .key(key)
+                        .range(format!("bytes={offset}-{}", offset + length - 1))
+                        .send()
+                        .await
+                        .map_err(|err| s3_error(key, aws_sdk_s3::error::DisplayErrorContext(err)))?
+                        .body
+                        .collect()
+                        .await
+                        .map(|data| data.into_bytes())
+                        .map_err(|err| s3_error(key, err))
+                }
+            })
+            .buffered(FETCH_PARALLEL);
+        while let Some(piece) = pieces.next().await {
+            let piece = piece?;
             hasher.update(&piece);
             written += piece.len() as u64;
             progress(written, manifest.file_size);
@@ -409,6 +457,10 @@ pub async fn fetch_version(
         manifest,
     })
 }
+
+/// Bytes per ranged GET of a fetch, and GETs in flight (at most 64 MiB in memory).
+const FETCH_PIECE: u64 = 8 << 20;
+const FETCH_PARALLEL: usize = 8;
 
 /// Where a fetch writes before the file is verified: beside `dest`, hidden.
 fn partial_path(dest: &Path) -> PathBuf {

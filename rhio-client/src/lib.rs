@@ -37,6 +37,8 @@ pub enum ClientError {
     Request { subject: String, reason: String },
     #[error("answer on {subject} is not valid JSON: {reason}")]
     BadAnswer { subject: String, reason: String },
+    #[error("the node refused: {message} ({code})")]
+    Refused { code: String, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -59,6 +61,7 @@ impl ClientError {
             ClientError::NoNode { .. } => "no_node",
             ClientError::Request { .. } => "request",
             ClientError::BadAnswer { .. } => "bad_answer",
+            ClientError::Refused { .. } => "refused",
             ClientError::NotFound(_) => "not_found",
             ClientError::Ambiguous(_) => "ambiguous",
             ClientError::Usage(_) => "usage",
@@ -139,6 +142,42 @@ pub struct ReceivedMessage {
     /// `Ok` with author and position when the `X-Rhio-*` headers verify; the reason otherwise
     /// (a local message that was never routed has no such headers).
     pub provenance: Result<rhio_core::message::Provenance, rhio_core::message::ProvenanceError>,
+}
+
+impl ReceivedMessage {
+    /// True when the message verifies and its author is one of `keys` (hex public keys): what a
+    /// consumer that trusts only some clusters checks.
+    pub fn is_from(&self, keys: &[String]) -> bool {
+        self.provenance
+            .as_ref()
+            .is_ok_and(|proof| keys.iter().any(|key| *key == proof.author.to_hex()))
+    }
+}
+
+/// A successful `rhio.import` (the node's reply).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct ImportReply {
+    pub dataset: String,
+    pub version: u64,
+    pub author: String,
+    pub bytes: u64,
+    pub rows: u64,
+    pub row_groups: u64,
+    pub file_hash: String,
+    pub location: String,
+    pub subject: String,
+    pub operation: String,
+    /// True when these bytes were imported before and the existing version is answered.
+    #[serde(default)]
+    pub existing: bool,
+}
+
+/// An import's progress event (`rhio.progress.<dataset>`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct ImportProgress {
+    pub dataset: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }
 
 impl Client {
@@ -228,6 +267,52 @@ impl Client {
             subject: "rhio.import".into(),
             reason: err.to_string(),
         })
+    }
+
+    /// [`Client::import`] with a typed reply; a refusal is [`ClientError::Refused`] with the
+    /// node's error code (`not_found`, `forbidden_path`, `not_parquet`, `too_large`, ...).
+    pub async fn import_dataset(
+        &self,
+        path: &str,
+        dataset: Option<&str>,
+        subject: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ImportReply, ClientError> {
+        let answer = self.import(path, dataset, subject, timeout).await?;
+        if answer["ok"] != true {
+            return Err(ClientError::Refused {
+                code: answer["error"]["code"]
+                    .as_str()
+                    .unwrap_or("error")
+                    .to_string(),
+                message: answer["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the node refused the import")
+                    .to_string(),
+            });
+        }
+        serde_json::from_value(answer).map_err(|err| ClientError::BadAnswer {
+            subject: "rhio.import".into(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Progress events of the imports running in the cluster (subscribe before importing).
+    pub async fn import_progress(
+        &self,
+    ) -> Result<impl futures::Stream<Item = ImportProgress> + use<>, ClientError> {
+        use futures::StreamExt;
+        let subscriber = self
+            .nats
+            .subscribe("rhio.progress.>")
+            .await
+            .map_err(|err| ClientError::Request {
+                subject: "rhio.progress.>".into(),
+                reason: err.to_string(),
+            })?;
+        Ok(subscriber.filter_map(|message| {
+            std::future::ready(serde_json::from_slice::<ImportProgress>(&message.payload).ok())
+        }))
     }
 
     /// Sends a core NATS request and returns the answer's payload.

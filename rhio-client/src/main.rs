@@ -156,8 +156,10 @@ enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// List the dataset versions available in the cluster (all authors).
+    /// List the dataset versions available in the cluster (all authors); with a NAME, show
+    /// that dataset's versions in detail.
     Datasets {
+        name: Option<String>,
         /// JetStream stream the node announces datasets into (its datasets.stream).
         #[arg(long, default_value = rhio_client::DEFAULT_DATASET_STREAM)]
         stream: String,
@@ -398,10 +400,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("listening on {subject}");
             while let Some(message) = messages.next().await {
                 let origin = match &message.provenance {
-                    Ok(proof)
-                        if !trusted.is_empty()
-                            && !trusted.iter().any(|key| *key == proof.author.to_hex()) =>
-                    {
+                    Ok(proof) if !trusted.is_empty() && !message.is_from(&trusted) => {
                         format!(
                             "author {} seq {} verified, untrusted",
                             proof.author, proof.seq
@@ -418,11 +417,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Datasets { stream } => {
+        Command::Datasets { name, stream } => {
             let client = rhio_client::Client::connect(&node.nats).await?;
-            let versions = client.datasets(&stream).await?;
+            let mut versions = client.datasets(&stream).await?;
+            if let Some(name) = &name {
+                versions.retain(|v| &v.dataset == name);
+                if versions.is_empty() {
+                    return Err(rhio_client::ClientError::NotFound(format!(
+                        "no dataset {name:?} in this cluster"
+                    ))
+                    .into());
+                }
+            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else if name.is_some() {
+                for v in &versions {
+                    println!("{} v{}", v.dataset, v.version);
+                    for (label, value) in [
+                        ("author", v.author.clone()),
+                        ("created", micros_to_time(v.created_at_micros)),
+                        ("bytes", v.bytes.to_string()),
+                        ("rows", v.rows.to_string()),
+                        ("row groups", v.row_groups.to_string()),
+                        ("BLAKE3", v.file_hash.clone()),
+                        ("operation", v.operation.clone()),
+                        ("subject", v.subject.clone()),
+                        ("location", v.location.clone()),
+                        (
+                            "verified",
+                            v.problem
+                                .as_ref()
+                                .map_or("yes".to_string(), |p| format!("NO: {p}")),
+                        ),
+                    ] {
+                        println!("  {label:<11} {value}");
+                    }
+                }
             } else if versions.is_empty() {
                 println!("no datasets in stream {stream}");
             } else {

@@ -135,6 +135,26 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
     assert_eq!(answer["version"], 0);
     assert!(std::fs::read(&cli_out).unwrap() == bytes);
 
+    // One dataset in detail; a typed import whose refusal carries the node's code.
+    let (code, stdout, _) = cli(&["--nats", nats, "datasets", "weather"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("weather v0") && stdout.contains(&version.file_hash),
+        "{stdout}"
+    );
+    let refused = runtime().block_on(async {
+        let client = rhio_client::Client::connect(&env.clusters[0].nats_url)
+            .await
+            .unwrap();
+        client
+            .import_dataset("/etc/hostname", None, None, Duration::from_secs(30))
+            .await
+    });
+    match refused {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "forbidden_path"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
     // The same node and S3 from a client config file instead of flags.
     let config = tmp.path().join("client.toml");
     std::fs::write(
@@ -182,7 +202,7 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
         "{stdout}"
     );
 
-    // Usage errors exit 2 with a code: a dataset that is not there, no S3 endpoint.
+    // Usage errors exit 2 with a code: a dataset that is not there, no S3 credentials.
     let (code, stdout, _) = cli(
         &[
             "--nats",
@@ -203,7 +223,8 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
         &[],
     );
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("--s3-endpoint"), "{stderr}");
+    // The endpoint and bucket come from the node's status; credentials never do.
+    assert!(stderr.contains("no S3 credentials"), "{stderr}");
     // A node that is not there: exit 1.
     let (code, _, _) = cli(&["--nats", "nats://127.0.0.1:1", "datasets"], &[]);
     assert_eq!(code, 1);

@@ -23,7 +23,12 @@ create_exception!(
 );
 
 fn raise(err: ClientError) -> PyErr {
-    RhioError::new_err((err.code(), err.to_string()))
+    // A refusal carries the node's own code (`forbidden_path`, `too_large`, ...).
+    let code = match &err {
+        ClientError::Refused { code, .. } => code.clone(),
+        other => other.code().to_string(),
+    };
+    RhioError::new_err((code, err.to_string()))
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {

@@ -198,7 +198,7 @@ def test_errors_carry_the_node_and_client_codes(clusters, weather):
     without_s3 = rhio_client.Client(clusters["b"].nats_url)
     with pytest.raises(rhio_client.UsageError) as err:
         without_s3.fetch("weather", clusters["base"] / "x.parquet")
-    assert "--s3-endpoint" in str(err.value)
+    assert "no S3 credentials" in str(err.value)
     a = client_of(clusters["a"])
     with pytest.raises(rhio_client.RhioError) as err:
         a.import_file("/etc/hostname")
@@ -226,7 +226,13 @@ def test_subscribe_sees_verified_messages_from_the_other_cluster(clusters):
                 return received
 
         received = asyncio.run(one())
-        assert received.subject == "news.us" and received.verified
+        assert received.subject == "news.us" and received.verified and received.trusted
+    # Only some authors trusted: a verified message of another is not.
+    with b.subscribe("news.>", trusted=["00" * 32]) as subscription:
+        time.sleep(0.3)
+        a.publish("news.eu", "again")
+        message = subscription.next(timeout=10)
+        assert message is not None and message.verified and not message.trusted
     # A local message without provenance is reported, not hidden.
     with a.subscribe("news.>") as local:
         time.sleep(0.3)

@@ -142,14 +142,18 @@ class Message:
     operation: Optional[str] = None
     timestamp_micros: Optional[int] = None
     error: Optional[str] = None
+    #: Verified, and from one of the subscription's ``trusted`` authors (any author when none
+    #: were given).
+    trusted: bool = False
     raw: dict = field(default_factory=dict, repr=False)
 
 
 class Subscription:
     """Messages on a subject: iterate (blocking) or ``async for``; ``close()`` stops it."""
 
-    def __init__(self, native):
+    def __init__(self, native, trusted: Optional[list[str]] = None):
         self._native = native
+        self._trusted = set(trusted) if trusted is not None else None
 
     def next(self, timeout: float = 0.5) -> Optional[Message]:
         """The next message, or None when none came within ``timeout`` seconds."""
@@ -168,6 +172,8 @@ class Subscription:
             operation=proof.get("operation"),
             timestamp_micros=proof.get("timestamp_micros"),
             error=proof.get("error"),
+            trusted=proof["verified"]
+            and (self._trusted is None or proof.get("author") in self._trusted),
             raw=proof,
         )
 
@@ -302,9 +308,12 @@ class Client:
             for name, data in _call(self._native.cluster_state)
         }
 
-    def subscribe(self, subject: str) -> Subscription:
-        """Follows messages on ``subject`` (wildcards allowed), each with its provenance."""
-        return Subscription(_call(self._native.subscribe, subject))
+    def subscribe(self, subject: str, *, trusted: Optional[list[str]] = None) -> Subscription:
+        """Follows messages on ``subject`` (wildcards allowed), each with its provenance.
+
+        With ``trusted`` (authors' public keys, hex), ``Message.trusted`` says whether a verified
+        message comes from one of them."""
+        return Subscription(_call(self._native.subscribe, subject), trusted)
 
     # async twins: the blocking call in a worker thread (the GIL is released inside).
     async def status_async(self) -> dict[str, Any]:
