@@ -57,8 +57,10 @@ impl Client {
         s3_secret_key: Option<String>,
         dataset_stream: String,
     ) -> PyResult<Self> {
+        // Fetches read ranges in parallel and hash and write them: use the cores (up to 4).
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(workers)
             .thread_name("rhio-client")
             .enable_all()
             .build()

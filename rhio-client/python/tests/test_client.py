@@ -227,6 +227,13 @@ def test_subscribe_sees_verified_messages_from_the_other_cluster(clusters):
 
         received = asyncio.run(one())
         assert received.subject == "news.us" and received.verified and received.trusted
+    # A routed message's provenance headers on other bytes: reported, not verified.
+    with b.subscribe("news.>") as subscription:
+        time.sleep(0.3)
+        b.publish("news.eu", "forged text", headers=dict(message.headers))
+        forged = subscription.next(timeout=10)
+        assert forged is not None and forged.payload == b"forged text"
+        assert not forged.verified and not forged.trusted and forged.error
     # Only some authors trusted: a verified message of another is not.
     with b.subscribe("news.>", trusted=["00" * 32]) as subscription:
         time.sleep(0.3)
