@@ -304,7 +304,10 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
     let csv = std::fs::read_to_string(state_dir.join("datasets.csv")).unwrap();
     assert!(csv.starts_with("dataset,author,version,"), "{csv}");
     // A header and a line per version (the tides import above may have replicated by now).
-    assert!(csv.contains("\nweather,") && csv.lines().count() >= 2, "{csv}");
+    assert!(
+        csv.contains("\nweather,") && csv.lines().count() >= 2,
+        "{csv}"
+    );
     let (code, _, _) = cli(&["--nats", nats, "state", "--format", "parquet"], &[]);
     assert_eq!(code, 2, "parquet without --out is a usage error");
 
