@@ -604,4 +604,21 @@ fn http_basic_auth_pushes_as_a_robot_account_with_the_password_from_the_environm
         !node.log().contains(&password),
         "the password is in the log"
     );
+    // A dataset name rhio accepts but OCI does not: listed as invalid, never retried.
+    runtime().block_on(common::rhio_import_ok(
+        &env.clusters[0].nats_url,
+        &file,
+        "_private",
+    ));
+    let health = wait_for("the invalid version in the status", WAIT, || {
+        let (_, health) = node.health()?;
+        let versions = health["mirror"]["versions"].as_array()?.clone();
+        versions
+            .iter()
+            .any(|v| v["dataset"] == "_private" && v["state"] == "invalid")
+            .then_some(health)
+    });
+    assert_eq!(health["mirror"]["pending"], 0, "{health}");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(metric(&node, "rhio_mirror_queue"), 0.0);
 }

@@ -68,7 +68,8 @@ pub struct MirrorVersionStatus {
     pub version: u64,
     pub author: String,
     pub repository: String,
-    /// `pending`, `pushing`, `pushed` or `failed` (failed versions are retried).
+    /// `pending`, `pushing`, `pushed`, `failed` (retried) or `invalid` (its dataset name is no
+    /// OCI repository name: never pushed).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -118,6 +119,8 @@ struct Inner {
 struct StatusState {
     state: &'static str,
     pending: Vec<MirrorVersionStatus>,
+    /// Versions that can never be pushed (see [`MirrorQueue::invalid`]).
+    invalid: Vec<MirrorVersionStatus>,
     recent: VecDeque<MirrorVersionStatus>,
     pushed: u64,
     last_error: Option<String>,
@@ -188,6 +191,7 @@ impl Mirror {
             versions: state
                 .pending
                 .iter()
+                .chain(state.invalid.iter())
                 .chain(state.recent.iter())
                 .cloned()
                 .collect(),
@@ -204,6 +208,12 @@ impl Mirror {
         let author = (id.author != self.inner.own_key).then_some(&id.author);
         oci::repository(&self.inner.config.project, &id.dataset, author)
             .map_err(|err| PushError::Invalid(err.to_string()))
+    }
+
+    /// `rhio_mirror_queue` from the versions still waiting in this pass.
+    fn update_queue_gauge(&self) {
+        let waiting = self.inner.status.lock().expect("status lock").pending.len();
+        self.inner.metrics.mirror_queue.set(waiting as i64);
     }
 
     fn set_state(&self, f: impl FnOnce(&mut StatusState)) {
@@ -290,6 +300,23 @@ impl Mirror {
             .filter(|version| self.wanted(version))
             .collect();
         self.inner.metrics.mirror_queue.set(pending.len() as i64);
+        let invalid: Vec<MirrorVersionStatus> = self
+            .inner
+            .queue
+            .invalid_versions()
+            .await?
+            .into_iter()
+            .filter(|version| self.wanted(version))
+            .map(|v| MirrorVersionStatus {
+                dataset: v.id.dataset.clone(),
+                version: v.id.version,
+                author: v.id.author.to_hex(),
+                repository: String::new(),
+                state: "invalid".into(),
+                reason: v.reason.clone(),
+                attempts: v.attempts,
+            })
+            .collect();
         self.set_state(|s| {
             s.pending = pending
                 .iter()
@@ -303,6 +330,7 @@ impl Mirror {
                     attempts: v.attempts,
                 })
                 .collect();
+            s.invalid = invalid;
             if !pending.is_empty() {
                 s.state = "pushing";
             }
@@ -331,11 +359,25 @@ impl Mirror {
         let repository = match self.repository(id) {
             Ok(repository) => repository,
             Err(err) => {
-                // Not retried in this pass's error (it would hold back every other push), but
-                // shown in the status with its reason.
+                // Never pushable: out of the queue (it would fail every pass), listed in the
+                // status with its reason.
                 let reason = err.to_string();
-                let _ = self.inner.queue.failed(id, "", &reason).await;
-                self.set_state(|s| mark(&mut s.pending, id, "failed", Some(reason.clone())));
+                if let Err(state) = self.inner.queue.invalid(id, &reason).await {
+                    tracing::warn!(%state, "cannot record an invalid version");
+                }
+                self.set_state(|s| {
+                    s.pending.retain(|v| !same(v, id));
+                    s.invalid.push(MirrorVersionStatus {
+                        dataset: id.dataset.clone(),
+                        version: id.version,
+                        author: id.author.to_hex(),
+                        repository: String::new(),
+                        state: "invalid".into(),
+                        reason: Some(reason.clone()),
+                        attempts: 1,
+                    });
+                });
+                self.update_queue_gauge();
                 tracing::warn!(%id, %reason, "registry mirror: version cannot be pushed");
                 return Ok(());
             }
@@ -372,10 +414,7 @@ impl Mirror {
                     });
                     s.recent.truncate(RECENT_PUSHES);
                 });
-                self.inner
-                    .metrics
-                    .mirror_queue
-                    .set(self.inner.status.lock().expect("status lock").pending.len() as i64);
+                self.update_queue_gauge();
                 Ok(())
             }
             Err(err) => {

@@ -83,7 +83,7 @@ impl MirrorQueue {
             "SELECT a.author, a.dataset, a.version, a.location, m.attempts, m.reason
              FROM announcements a LEFT JOIN mirror_pushes m
                ON a.author = m.author AND a.dataset = m.dataset AND a.version = m.version
-             WHERE m.state IS NULL OR m.state != 'pushed'
+             WHERE m.state IS NULL OR m.state NOT IN ('pushed', 'invalid')
              ORDER BY a.author, a.dataset, a.version",
         )
         .fetch_all(&self.pool)
@@ -139,6 +139,51 @@ impl MirrorQueue {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records a version that can never be pushed (its dataset name is no OCI repository name):
+    /// it leaves the queue and stays listed, with the reason.
+    pub async fn invalid(&self, id: &VersionId, reason: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO mirror_pushes VALUES (?, ?, ?, '', 'invalid', ?, 1, NULL)
+             ON CONFLICT (author, dataset, version) DO UPDATE
+             SET state = 'invalid', reason = excluded.reason",
+        )
+        .bind(id.author.to_string())
+        .bind(&id.dataset)
+        .bind(id.version as i64)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Versions recorded as [`MirrorQueue::invalid`].
+    pub async fn invalid_versions(&self) -> Result<Vec<QueuedVersion>> {
+        let rows = sqlx::query(
+            "SELECT a.author, a.dataset, a.version, a.location, m.attempts, m.reason
+             FROM announcements a JOIN mirror_pushes m
+               ON a.author = m.author AND a.dataset = m.dataset AND a.version = m.version
+             WHERE m.state = 'invalid' ORDER BY a.author, a.dataset, a.version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let author: String = row.get(0);
+                Some(QueuedVersion {
+                    id: VersionId {
+                        author: PublicKey::from_str(&author).ok()?,
+                        dataset: row.get(1),
+                        version: row.get::<i64, _>(2) as u64,
+                    },
+                    location: row.get(3),
+                    attempts: row.get::<i64, _>(4) as u32,
+                    reason: row.get(5),
+                })
+            })
+            .collect())
     }
 
     /// The highest version of a dataset log pushed so far (decides where `latest` points).
@@ -248,6 +293,12 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].id.version, 1);
         assert_eq!(queue.pushed_count().await.unwrap(), 1);
+        // An invalid version leaves the queue and is listed with its reason.
+        queue.invalid(&id(1), "bad name").await.unwrap();
+        assert!(queue.pending().await.unwrap().is_empty());
+        let invalid = queue.invalid_versions().await.unwrap();
+        assert_eq!(invalid.len(), 1);
+        assert_eq!(invalid[0].reason.as_deref(), Some("bad name"));
         let blob = KnownBlob {
             repository: "rhio/weather".into(),
             digest: "sha256:bb".into(),
