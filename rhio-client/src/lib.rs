@@ -54,14 +54,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// A stable, machine-readable code for the error.
-    pub fn code(&self) -> &'static str {
+    /// A stable, machine-readable code for the error; a refusal carries the node's own code
+    /// (`forbidden_path`, `too_large`, ...).
+    pub fn code(&self) -> &str {
         match self {
             ClientError::Connect { .. } => "connect",
             ClientError::NoNode { .. } => "no_node",
             ClientError::Request { .. } => "request",
             ClientError::BadAnswer { .. } => "bad_answer",
-            ClientError::Refused { .. } => "refused",
+            ClientError::Refused { code, .. } => code,
             ClientError::NotFound(_) => "not_found",
             ClientError::Ambiguous(_) => "ambiguous",
             ClientError::Usage(_) => "usage",

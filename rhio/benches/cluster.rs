@@ -661,18 +661,18 @@ async fn delta(clusters: &Clusters, mib: u64, extra_mib: u64) -> (f64, u64) {
 
 /// One cluster with a node (whose mirror pushes to the environment's registry, project `bench`,
 /// when there is one).
-struct MirrorBench {
+struct SingleNode {
     env: LocalEnv,
     _dir: tempfile::TempDir,
     node: RhioNode,
     data: std::path::PathBuf,
 }
 
-fn mirror_setup() -> MirrorBench {
+fn mirror_setup() -> SingleNode {
     single_node(true)
 }
 
-fn single_node(mirror: bool) -> MirrorBench {
+fn single_node(mirror: bool) -> SingleNode {
     let env = if mirror {
         LocalEnv::with_registry(1, Registries::Anonymous)
     } else {
@@ -692,7 +692,7 @@ fn single_node(mirror: bool) -> MirrorBench {
     }
     let node = RhioNode::start(spec);
     node.wait_healthy();
-    MirrorBench {
+    SingleNode {
         env,
         _dir: dir,
         node,
@@ -709,7 +709,7 @@ fn mirror_pushed(node: &RhioNode) -> u64 {
 /// Imports `path` as `dataset`, then times its push to the registry: from the import's answer
 /// until the mirror recorded the version (polled every 10 ms). Checks that the registry has the
 /// version with the file's BLAKE3; returns MiB/s, or `None` after a failure.
-async fn push_rhio(bench: &MirrorBench, path: &std::path::Path, dataset: &str) -> Option<f64> {
+async fn push_rhio(bench: &SingleNode, path: &std::path::Path, dataset: &str) -> Option<f64> {
     let before = mirror_pushed(&bench.node);
     let client = rhio_client::Client::connect(&bench.env.clusters[0].nats_url)
         .await
@@ -760,13 +760,8 @@ async fn push_rhio(bench: &MirrorBench, path: &std::path::Path, dataset: &str) -
 
 /// The baseline: PyPI `oras` pushing the same file to the same registry, timed inside Python
 /// (its digest pass and upload; interpreter start-up not counted). MiB/s, `None` on failure.
-fn push_oras(bench: &MirrorBench, path: &std::path::Path, repository: &str) -> Option<f64> {
+fn push_oras(bench: &SingleNode, path: &std::path::Path, repository: &str) -> Option<f64> {
     let registry = rhio::mirror::registry_host(bench.env.registry.as_deref().unwrap());
-    let python = std::path::PathBuf::from(std::env::var("HOME").unwrap())
-        .join(".cache/rhio/venv/bin/python");
-    let python = std::env::var_os("RHIODEV_CACHE")
-        .map(|cache| std::path::PathBuf::from(cache).join("venv/bin/python"))
-        .unwrap_or(python);
     let script = r#"
 import os, sys, time, oras.client
 path, target = sys.argv[1], sys.argv[2]
@@ -776,7 +771,7 @@ start = time.monotonic()
 client.push(files=[os.path.basename(path)], target=target)
 print(time.monotonic() - start)
 "#;
-    let output = std::process::Command::new(python)
+    let output = std::process::Command::new(common::venv_python())
         .args([
             "-c",
             script,
@@ -806,19 +801,10 @@ print(time.monotonic() - start)
 
 // ------------------------------------------------------------------------------------- client
 
-fn venv_python() -> std::path::PathBuf {
-    std::env::var_os("RHIODEV_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio")
-        })
-        .join("venv/bin/python")
-}
-
 /// Runs a Python snippet with the venv's Python; its last stdout line parsed as numbers
 /// (seconds), or `None` after a failure (recorded).
 fn python_secs(what: &str, script: &str, args: &[&str]) -> Option<Vec<f64>> {
-    let output = std::process::Command::new(venv_python())
+    let output = std::process::Command::new(common::venv_python())
         .arg("-c")
         .arg(script)
         .args(args)
@@ -844,7 +830,7 @@ fn python_secs(what: &str, script: &str, args: &[&str]) -> Option<Vec<f64>> {
 
 /// `fetch` through the Rust library (verified: announcement signature, manifest, BLAKE3) of
 /// `dataset` into `dest`; MiB/s, `None` after a failure.
-async fn fetch_rhio(bench: &MirrorBench, dataset: &str, dest: &std::path::Path) -> Option<f64> {
+async fn fetch_rhio(bench: &SingleNode, dataset: &str, dest: &std::path::Path) -> Option<f64> {
     let cluster = &bench.env.clusters[0];
     let client = rhio_client::Client::connect(&cluster.nats_url)
         .await

@@ -338,11 +338,9 @@ impl Node {
             shutdown.clone(),
         ));
         let mirror = if config.mirror.enabled {
-            let queue = crate::mirror::queue::MirrorQueue::open(
-                &config.node.data_dir.join("replication.sqlite"),
-            )
-            .await
-            .map_err(|err| StartError::Mirror(format!("state: {err}")))?;
+            let queue = crate::mirror::queue::MirrorQueue::new(&transfer_state)
+                .await
+                .map_err(|err| StartError::Mirror(format!("state: {err}")))?;
             let mirror = crate::mirror::Mirror::new(
                 config.mirror.clone(),
                 queue,

@@ -352,6 +352,17 @@ impl Store {
     }
 
     /// Up to `limit` operations of a log, from sequence number `from` on.
+    /// Operation `seq` of a log, if this node has it.
+    pub async fn operation(
+        &self,
+        author: &PublicKey,
+        log: &LogId,
+        seq: u64,
+    ) -> Result<Option<SignedOperation>, StoreError> {
+        let ops = self.operations(author, log, seq, 1).await?;
+        Ok(ops.into_iter().next().filter(|op| op.seq() == seq))
+    }
+
     pub async fn operations(
         &self,
         author: &PublicKey,

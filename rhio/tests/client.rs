@@ -7,9 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{
-    LocalEnv, NodeSpec, RhioNode, cli, make_parquet, runtime, stream_messages, subscribe_toml,
-};
+use common::{LocalEnv, RhioNode, cli, make_parquet, runtime, stream_messages, subscribe_toml};
 use rhio_client::{ClientError, S3Options};
 use serde_json::Value;
 
@@ -36,18 +34,11 @@ fn files_in(dir: &Path) -> Vec<String> {
 #[test]
 fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file() {
     let env = LocalEnv::up(2);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
+    let (tmp, root) = common::import_root();
     let file = root.join("weather.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "3", "500"]);
     let bytes = std::fs::read(&file).unwrap();
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], &tmp.path().join("b"));
-    let key_a = a.public_key();
-    a.import_roots = vec![root.clone()];
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
+    let (a, mut b, key_a) = common::importer_and_peer(&env, tmp.path(), &root);
     b.extra = subscribe_toml(&key_a, &["datasets.>"], "DATASETS");
     let node_a = RhioNode::start(a.clone());
     let node_b = RhioNode::start(b.clone());

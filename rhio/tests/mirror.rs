@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -84,10 +84,6 @@ fn pull(registry: &Registry, repository: &str, tag: &str) -> Pulled {
 
 /// `oras pull` (PyPI oras, an independent client) of `reference` into `out`.
 fn oras_pull(reference: &str, out: &Path, credentials: Option<(&str, &str)>) {
-    let python = std::env::var_os("RHIODEV_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio"))
-        .join("venv/bin/python");
     let script = r#"
 import sys, oras.client
 reference, out = sys.argv[1], sys.argv[2]
@@ -96,7 +92,7 @@ if len(sys.argv) > 3:
     client.auth.set_basic_auth(sys.argv[3], sys.argv[4])
 print(client.pull(target=reference, outdir=out))
 "#;
-    let mut command = Command::new(python);
+    let mut command = Command::new(common::venv_python());
     command.args(["-c", script, reference, out.to_str().unwrap()]);
     if let Some((user, password)) = credentials {
         command.args([user, password]);
@@ -177,9 +173,7 @@ fn assert_layout(pulled: &Pulled, file: &[u8], author: &str, version: u64) {
 fn imported_and_replicated_versions_are_pushed_pulled_back_identical_and_deduplicated() {
     let env = LocalEnv::with_registry(2, Registries::Anonymous);
     let url = env.registry.clone().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
+    let (tmp, root) = common::import_root();
     let file = root.join("weather.parquet");
     let second = root.join("weather-2.parquet");
     // Version 2 = version 1's row groups and one more.
@@ -193,12 +187,7 @@ fn imported_and_replicated_versions_are_pushed_pulled_back_identical_and_dedupli
     ]);
     let bytes = std::fs::read(&file).unwrap();
 
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], &tmp.path().join("b"));
-    let key_a = a.public_key();
-    a.import_roots = vec![root.clone()];
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
+    let (mut a, mut b, key_a) = common::importer_and_peer(&env, tmp.path(), &root);
     a.extra = mirror_toml(&url, "");
     b.extra = subscribe_toml(&key_a, &["datasets.>"], "DATASETS") + &mirror_toml(&url, "");
 
@@ -358,9 +347,7 @@ fn imported_and_replicated_versions_are_pushed_pulled_back_identical_and_dedupli
 fn a_registry_outage_across_a_restart_delays_pushes_and_loses_none() {
     let env = LocalEnv::with_registry(1, Registries::Anonymous);
     let url = env.registry.clone().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
+    let (tmp, root) = common::import_root();
     let file = root.join("weather.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "2", "500"]);
     let mut spec = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));
@@ -434,19 +421,12 @@ fn harbor_token_auth_works_for_a_robot_account_and_wrong_credentials_degrade_not
         .find(|(user, _)| user.starts_with("robot$"))
         .cloned()
         .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
+    let (tmp, root) = common::import_root();
     let file = root.join("weather.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "2", "500"]);
     let bytes = std::fs::read(&file).unwrap();
 
-    let mut a = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));
-    let mut b = NodeSpec::for_cluster(&env.clusters[1], &tmp.path().join("b"));
-    let key_a = a.public_key();
-    a.import_roots = vec![root.clone()];
-    a.known_nodes.push((b.public_key(), b.quic_port));
-    b.known_nodes.push((key_a.clone(), a.quic_port));
+    let (mut a, mut b, key_a) = common::importer_and_peer(&env, tmp.path(), &root);
     // A: the robot account from the environment (its '$' intact) and the password from a file.
     let password_file = tmp.path().join("registry-password");
     std::fs::write(&password_file, format!("{robot_password}\n")).unwrap();
@@ -559,9 +539,7 @@ fn http_basic_auth_pushes_as_a_robot_account_with_the_password_from_the_environm
         .find(|(user, _)| user.starts_with("robot$"))
         .cloned()
         .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("data");
-    std::fs::create_dir_all(&root).unwrap();
+    let (tmp, root) = common::import_root();
     let file = root.join("weather.parquet");
     make_parquet(&["sized", file.to_str().unwrap(), "2", "500"]);
     let mut spec = NodeSpec::for_cluster(&env.clusters[0], &tmp.path().join("a"));

@@ -23,12 +23,7 @@ create_exception!(
 );
 
 fn raise(err: ClientError) -> PyErr {
-    // A refusal carries the node's own code (`forbidden_path`, `too_large`, ...).
-    let code = match &err {
-        ClientError::Refused { code, .. } => code.clone(),
-        other => other.code().to_string(),
-    };
-    RhioError::new_err((code, err.to_string()))
+    RhioError::new_err((err.code().to_string(), err.to_string()))
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {

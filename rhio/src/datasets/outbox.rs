@@ -151,16 +151,9 @@ async fn publish(
 ) -> Result<(), String> {
     let id = &announcement.id;
     let op = store
-        .operations(
-            &id.author,
-            &LogId::Dataset(id.dataset.clone()),
-            id.version,
-            1,
-        )
+        .operation(&id.author, &LogId::Dataset(id.dataset.clone()), id.version)
         .await
         .map_err(|err| err.to_string())?
-        .into_iter()
-        .find(|op| op.seq() == id.version)
         .ok_or_else(|| format!("the manifest of {id} is not in the store"))?;
     let manifest = DatasetManifest::decode(&op.body).map_err(|err| err.to_string())?;
     tokio::time::timeout(

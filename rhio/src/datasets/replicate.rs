@@ -522,12 +522,10 @@ impl Replicator {
             .next_version(author, dataset)
             .await
             .map_err(|err| err.to_string())?;
-        let ops = self
-            .store
-            .operations(author, log, next, 1)
+        self.store
+            .operation(author, log, next)
             .await
-            .map_err(|err| err.to_string())?;
-        Ok(ops.into_iter().next().filter(|op| op.seq() == next))
+            .map_err(|err| err.to_string())
     }
 
     /// Replicates one version (resuming its transfer when one was started). With `remote_only`

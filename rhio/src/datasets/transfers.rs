@@ -111,6 +111,11 @@ impl TransferState {
         Ok(Self { pool })
     }
 
+    /// The database, for state kept beside it (the registry mirror's tables).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// The multipart upload of a version in progress: (key, upload id).
     pub async fn transfer(&self, id: &VersionId) -> Result<Option<(String, String)>> {
         let row = sqlx::query(

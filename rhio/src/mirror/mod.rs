@@ -76,6 +76,20 @@ pub struct MirrorVersionStatus {
     pub attempts: u32,
 }
 
+impl MirrorVersionStatus {
+    fn of(version: &QueuedVersion, repository: String, state: &str) -> Self {
+        Self {
+            dataset: version.id.dataset.clone(),
+            version: version.id.version,
+            author: version.id.author.to_hex(),
+            repository,
+            state: state.into(),
+            reason: version.reason.clone(),
+            attempts: version.attempts,
+        }
+    }
+}
+
 /// What `/health` and `rhio.status` show under `mirror`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MirrorStatus {
@@ -307,27 +321,14 @@ impl Mirror {
             .await?
             .into_iter()
             .filter(|version| self.wanted(version))
-            .map(|v| MirrorVersionStatus {
-                dataset: v.id.dataset.clone(),
-                version: v.id.version,
-                author: v.id.author.to_hex(),
-                repository: String::new(),
-                state: "invalid".into(),
-                reason: v.reason.clone(),
-                attempts: v.attempts,
-            })
+            .map(|v| MirrorVersionStatus::of(&v, String::new(), "invalid"))
             .collect();
         self.set_state(|s| {
             s.pending = pending
                 .iter()
-                .map(|v| MirrorVersionStatus {
-                    dataset: v.id.dataset.clone(),
-                    version: v.id.version,
-                    author: v.id.author.to_hex(),
-                    repository: self.repository(&v.id).unwrap_or_default(),
-                    state: if v.attempts > 0 { "failed" } else { "pending" }.into(),
-                    reason: v.reason.clone(),
-                    attempts: v.attempts,
+                .map(|v| {
+                    let state = if v.attempts > 0 { "failed" } else { "pending" };
+                    MirrorVersionStatus::of(v, self.repository(&v.id).unwrap_or_default(), state)
                 })
                 .collect();
             s.invalid = invalid;
@@ -368,13 +369,9 @@ impl Mirror {
                 self.set_state(|s| {
                     s.pending.retain(|v| !same(v, id));
                     s.invalid.push(MirrorVersionStatus {
-                        dataset: id.dataset.clone(),
-                        version: id.version,
-                        author: id.author.to_hex(),
-                        repository: String::new(),
-                        state: "invalid".into(),
                         reason: Some(reason.clone()),
                         attempts: 1,
+                        ..MirrorVersionStatus::of(version, String::new(), "invalid")
                     });
                 });
                 self.update_queue_gauge();
@@ -404,13 +401,8 @@ impl Mirror {
                     s.pending.retain(|v| !same(v, id));
                     s.pushed += 1;
                     s.recent.push_front(MirrorVersionStatus {
-                        dataset: id.dataset.clone(),
-                        version: id.version,
-                        author: id.author.to_hex(),
-                        repository: repository.clone(),
-                        state: "pushed".into(),
                         reason: None,
-                        attempts: version.attempts,
+                        ..MirrorVersionStatus::of(version, repository.clone(), "pushed")
                     });
                     s.recent.truncate(RECENT_PUSHES);
                 });
@@ -439,16 +431,9 @@ impl Mirror {
         let id = &version.id;
         let operation = inner
             .store
-            .operations(
-                &id.author,
-                &LogId::Dataset(id.dataset.clone()),
-                id.version,
-                1,
-            )
+            .operation(&id.author, &LogId::Dataset(id.dataset.clone()), id.version)
             .await
             .map_err(|err| PushError::Source(format!("store: {err}")))?
-            .into_iter()
-            .find(|op| op.seq() == id.version)
             .ok_or_else(|| {
                 PushError::Invalid(format!("the manifest of {id} is not in the store"))
             })?;
@@ -698,7 +683,7 @@ impl Mirror {
                     manifest.file_hash
                 )));
             }
-            Ok(format!("sha256:{}", hex_lower(&reader.sha.finalize())))
+            Ok(format!("sha256:{:x}", reader.sha.finalize()))
         }
         .await;
         match result {
@@ -798,11 +783,7 @@ fn mark(versions: &mut [MirrorVersionStatus], id: &VersionId, state: &str, reaso
 }
 
 pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex_lower(&Sha256::digest(data)))
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("sha256:{:x}", Sha256::digest(data))
 }
 
 /// `host:port` of a registry URL (how image references name it).

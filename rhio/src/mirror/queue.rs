@@ -10,21 +10,15 @@
 //! BLAKE3, which the manifest carries) and the repositories holding it, so a re-push skips the
 //! upload (HEAD) and another repository gets it by cross-repository mount.
 
-use std::path::Path;
 use std::str::FromStr;
 
 use rhio_core::identity::PublicKey;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqlitePool, SqliteRow};
 
-use crate::datasets::transfers::VersionId;
+use crate::datasets::transfers::{TransferState, VersionId};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS announcements (
-    author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL,
-    subject TEXT NOT NULL, location TEXT NOT NULL, acked INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (author, dataset, version)
-);
 CREATE TABLE IF NOT EXISTS mirror_pushes (
     author TEXT NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL,
     repository TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, attempts INTEGER NOT NULL,
@@ -64,15 +58,10 @@ pub struct MirrorQueue {
 type Result<T> = std::result::Result<T, sqlx::Error>;
 
 impl MirrorQueue {
-    pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await?;
+    /// The mirror's tables beside the announcement outbox (in the same database, so the
+    /// queue is one query over both).
+    pub async fn new(state: &TransferState) -> Result<Self> {
+        let pool = state.pool().clone();
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         Ok(Self { pool })
     }
@@ -88,22 +77,7 @@ impl MirrorQueue {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| {
-                let author: String = row.get(0);
-                Some(QueuedVersion {
-                    id: VersionId {
-                        author: PublicKey::from_str(&author).ok()?,
-                        dataset: row.get(1),
-                        version: row.get::<i64, _>(2) as u64,
-                    },
-                    location: row.get(3),
-                    attempts: row.get::<Option<i64>, _>(4).unwrap_or(0) as u32,
-                    reason: row.get(5),
-                })
-            })
-            .collect())
+        Ok(rows.iter().filter_map(queued_version).collect())
     }
 
     /// Records a pushed version (never queued again).
@@ -168,22 +142,7 @@ impl MirrorQueue {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| {
-                let author: String = row.get(0);
-                Some(QueuedVersion {
-                    id: VersionId {
-                        author: PublicKey::from_str(&author).ok()?,
-                        dataset: row.get(1),
-                        version: row.get::<i64, _>(2) as u64,
-                    },
-                    location: row.get(3),
-                    attempts: row.get::<i64, _>(4) as u32,
-                    reason: row.get(5),
-                })
-            })
-            .collect())
+        Ok(rows.iter().filter_map(queued_version).collect())
     }
 
     /// The highest version of a dataset log pushed so far (decides where `latest` points).
@@ -236,6 +195,21 @@ impl MirrorQueue {
     }
 }
 
+/// A row of (author, dataset, version, location, attempts, reason).
+fn queued_version(row: &SqliteRow) -> Option<QueuedVersion> {
+    let author: String = row.get(0);
+    Some(QueuedVersion {
+        id: VersionId {
+            author: PublicKey::from_str(&author).ok()?,
+            dataset: row.get(1),
+            version: row.get::<i64, _>(2) as u64,
+        },
+        location: row.get(3),
+        attempts: row.get::<Option<i64>, _>(4).unwrap_or(0) as u32,
+        reason: row.get(5),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,7 +222,7 @@ mod tests {
         let state = crate::datasets::transfers::TransferState::open(&path)
             .await
             .unwrap();
-        let queue = MirrorQueue::open(&path).await.unwrap();
+        let queue = MirrorQueue::new(&state).await.unwrap();
         let author = PrivateKey::generate().public_key();
         let id = |version| VersionId {
             author,
@@ -277,7 +251,7 @@ mod tests {
             .unwrap();
         // Reopened (a restarted node): the failed version is still queued, with its reason.
         drop(queue);
-        let queue = MirrorQueue::open(&path).await.unwrap();
+        let queue = MirrorQueue::new(&state).await.unwrap();
         let pending = queue.pending().await.unwrap();
         assert_eq!(pending[0].attempts, 2);
         assert_eq!(pending[0].reason.as_deref(), Some("still down"));

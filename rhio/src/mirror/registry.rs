@@ -105,8 +105,6 @@ pub struct Registry {
     credentials: Option<Credentials>,
     scheme: Mutex<Scheme>,
     tokens: Mutex<Tokens>,
-    /// Token requests made (for tests and status: tokens are reused).
-    token_requests: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -133,12 +131,7 @@ impl Registry {
             credentials,
             scheme: Mutex::new(Scheme::Unknown),
             tokens: Mutex::new(Tokens::default()),
-            token_requests: Default::default(),
         })
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     /// Who requests go out as (for messages: never the secret).
@@ -147,11 +140,6 @@ impl Registry {
             Some(credentials) => format!("user {:?}", credentials.user),
             None => "anonymous access".into(),
         }
-    }
-
-    pub fn token_requests(&self) -> u64 {
-        self.token_requests
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn url(&self, path_or_url: &str) -> String {
@@ -293,8 +281,6 @@ impl Registry {
         if let Some(credentials) = &self.credentials {
             request = request.basic_auth(&credentials.user, Some(&credentials.password));
         }
-        self.token_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let response = request
             .send()
             .await
@@ -345,19 +331,6 @@ impl Registry {
 
     fn push_scopes(repository: &str) -> Vec<String> {
         vec![repository_scope(repository, "pull,push")]
-    }
-
-    /// Checks `GET /v2/` (reachability and credentials).
-    pub async fn check(&self, repository: &str) -> Result<(), RegistryError> {
-        let url = self.url("/v2/");
-        let response = self
-            .send(&Self::push_scopes(repository), |http| http.get(&url))
-            .await?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.refused("GET /v2/", response).await)
-        }
     }
 
     /// True when the repository has the blob.
@@ -467,6 +440,16 @@ impl Registry {
 
     /// Completes an upload (PUT `?digest=`); the registry checks the digest.
     pub async fn finish_upload(&self, upload: Upload, digest: &str) -> Result<(), RegistryError> {
+        self.put_upload(&upload, digest, Bytes::new()).await
+    }
+
+    /// The closing PUT of an upload session, with the last bytes (or none) as its body.
+    async fn put_upload(
+        &self,
+        upload: &Upload,
+        digest: &str,
+        body: Bytes,
+    ) -> Result<(), RegistryError> {
         let separator = if upload.location.contains('?') {
             '&'
         } else {
@@ -479,7 +462,9 @@ impl Registry {
         );
         let response = self
             .send(&Self::push_scopes(&upload.repository), |http| {
-                http.put(&url).header(reqwest::header::CONTENT_LENGTH, 0)
+                http.put(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
             })
             .await?;
         if response.status() != StatusCode::CREATED {
@@ -508,29 +493,7 @@ impl Registry {
         data: Bytes,
     ) -> Result<(), RegistryError> {
         let upload = self.start_upload(repository).await?;
-        let separator = if upload.location.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        let url = format!(
-            "{}{separator}digest={}",
-            upload.location,
-            encode_digest(digest)
-        );
-        let response = self
-            .send(&Self::push_scopes(repository), |http| {
-                http.put(&url)
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(data.clone())
-            })
-            .await?;
-        if response.status() != StatusCode::CREATED {
-            return Err(self
-                .refused(&format!("PUT of blob {digest}"), response)
-                .await);
-        }
-        Ok(())
+        self.put_upload(&upload, digest, data).await
     }
 
     /// Stores an image manifest under `reference` (a tag or digest).

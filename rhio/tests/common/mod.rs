@@ -607,6 +607,26 @@ pub fn pair(published: &[&str], subscribed: &[&str]) -> Pair {
     }
 }
 
+/// A temporary directory with an empty import root `data/` in it.
+pub fn import_root() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    (tmp, root)
+}
+
+/// Node A of cluster 0, importing from `root`, and node B of cluster 1 of `env`, each knowing
+/// the other (data dirs `dir/a`, `dir/b`); returns them with A's public key.
+pub fn importer_and_peer(env: &LocalEnv, dir: &Path, root: &Path) -> (NodeSpec, NodeSpec, String) {
+    let mut a = NodeSpec::for_cluster(&env.clusters[0], &dir.join("a"));
+    let mut b = NodeSpec::for_cluster(&env.clusters[1], &dir.join("b"));
+    let key_a = a.public_key();
+    a.import_roots = vec![root.to_path_buf()];
+    a.known_nodes.push((b.public_key(), b.quic_port));
+    b.known_nodes.push((key_a.clone(), a.quic_port));
+    (a, b, key_a)
+}
+
 /// A routing section for a node config.
 pub fn publish_toml(subjects: &[&str], stream: &str) -> String {
     format!("\n[[publish]]\nsubjects = {subjects:?}\nstream = \"{stream}\"\n")
@@ -706,12 +726,17 @@ pub async fn rhio_import_ok(nats_url: &str, path: &Path, dataset: &str) -> Value
     answer
 }
 
+/// The Python of the venv `dev/localenv.py install` makes (pyarrow, oras, boto3, ...).
+pub fn venv_python() -> PathBuf {
+    std::env::var_os("RHIODEV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio"))
+        .join("venv/bin/python")
+}
+
 /// Runs `dev/make_parquet.py` with the Python of `dev/localenv.py install`.
 pub fn make_parquet(args: &[&str]) {
-    let cache = std::env::var_os("RHIODEV_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio"));
-    let output = Command::new(cache.join("venv/bin/python"))
+    let output = Command::new(venv_python())
         .arg(repo_root().join("dev/make_parquet.py"))
         .args(args)
         .output()
