@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use rhio_core::identity::PrivateKey;
 use rhio_core::operation::LogId;
-use rhio_core::sync::Frame;
+use rhio_core::sync::{Frame, RequestReader};
 
 fuzz_target!(|data: &[u8]| {
     let mut frame = vec![1u8];
@@ -16,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
         let author = PrivateKey::from_bytes(&[3; 32]).public_key();
         let _ = request.wants(&author, &LogId::Message("a.b".into()));
         let _ = request.wants(&author, &LogId::Dataset("d".into()));
-        let _ = request.start_of(&author, &LogId::Message("a.b".into()));
+        if let Ok(Some((_, heights))) = RequestReader::new().push(Frame::Request(request)) {
+            let _ = heights.start_of(&author, &LogId::Message("a.b".into()));
+        }
     }
 });

@@ -2,10 +2,12 @@
 //! arrive ahead of their predecessors.
 //!
 //! A session is one QUIC bidirectional stream. The subscriber sends one [`SyncRequest`]: the
-//! (author, subject filters) it wants and how far it has each matching log. The other node answers
-//! with every operation the subscriber lacks, log by log in sequence order, then
-//! [`Frame::CaughtUp`], then keeps the stream open and pushes each new operation as it stores it.
-//! The cost of a session start is O(logs + missing operations), never O(history).
+//! (author, subject filters) it wants, or everything when it relays, and how far it has each log;
+//! the heights come in pages ([`Frame::Have`], [`HAVE_PAGE`] logs each) so a node with any number
+//! of logs can start a session. The other node answers with every operation the subscriber lacks,
+//! log by log in sequence order, then [`Frame::CaughtUp`], then keeps the stream open and pushes
+//! each new operation as it stores it. The cost of a session start is O(logs + missing
+//! operations), never O(history): heights are looked up in a [`Heights`] index.
 //!
 //! Frame layout: `u32 length (big endian) | u8 kind | content`, where a request's content is
 //! CBOR, an operation's is `u32 header length | header | body`, and caught-up has none.
@@ -26,6 +28,12 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 const KIND_REQUEST: u8 = 1;
 const KIND_OPERATION: u8 = 2;
 const KIND_CAUGHT_UP: u8 = 3;
+const KIND_HAVE: u8 = 4;
+
+/// Log heights per request or [`Frame::Have`] page (~100 bytes each: well below the frame limit).
+pub const HAVE_PAGE: usize = 4096;
+/// Most logs one subscriber may announce in a session (memory bound of the serving side).
+pub const MAX_SESSION_LOGS: usize = 4_000_000;
 
 /// What a subscriber wants from one author.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +59,13 @@ pub struct SyncRequest {
     /// its subject filters for that author matches `<datasets_prefix>.<name>`. Empty: no datasets.
     #[serde(default)]
     pub datasets_prefix: String,
+    /// The subscriber relays: it wants every log the server holds (except its own), whatever
+    /// `interests` say. `interests` are still sent, for servers that predate relaying.
+    #[serde(default)]
+    pub relay: bool,
+    /// More heights follow in [`Frame::Have`] pages.
+    #[serde(default)]
+    pub more_have: bool,
 }
 
 /// The subject a dataset is announced on under `prefix`.
@@ -59,8 +74,42 @@ pub fn dataset_subject(prefix: &str, name: &str) -> String {
 }
 
 impl SyncRequest {
+    /// The frames that open a session: the request with the first page of heights, then the
+    /// remaining pages.
+    pub fn frames(
+        interests: Vec<Interest>,
+        mut have: Vec<LogHeight>,
+        datasets_prefix: String,
+        relay: bool,
+    ) -> Vec<Frame> {
+        let rest = if have.len() > HAVE_PAGE {
+            have.split_off(HAVE_PAGE)
+        } else {
+            Vec::new()
+        };
+        let mut frames = vec![Frame::Request(SyncRequest {
+            interests,
+            have,
+            datasets_prefix,
+            relay,
+            more_have: !rest.is_empty(),
+        })];
+        let pages: Vec<Vec<LogHeight>> = rest.chunks(HAVE_PAGE).map(<[_]>::to_vec).collect();
+        let count = pages.len();
+        for (i, heights) in pages.into_iter().enumerate() {
+            frames.push(Frame::Have {
+                heights,
+                more: i + 1 < count,
+            });
+        }
+        frames
+    }
+
     /// True when operations of `author` in `log` are wanted.
     pub fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
+        if self.relay {
+            return true;
+        }
         // Message logs are checked on every pushed operation: borrow their subject.
         let subject: std::borrow::Cow<'_, str> = match log {
             LogId::Message(subject) => subject.into(),
@@ -71,13 +120,92 @@ impl SyncRequest {
             interest.author == *author && crate::subject::matches_any(&interest.subjects, &subject)
         })
     }
+}
 
+/// Why a session could not start or had to end.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("the session did not start with a request")]
+    NoRequest,
+    #[error("unexpected {0} frame")]
+    UnexpectedFrame(&'static str),
+    #[error("the subscriber announced more than {MAX_SESSION_LOGS} logs")]
+    TooManyLogs,
+    #[error("the stream ended before the request was complete")]
+    Incomplete,
+}
+
+/// How far the subscriber has each log, indexed (the request's own list is a page at most).
+#[derive(Debug, Default, Clone)]
+pub struct Heights {
+    next: HashMap<(PublicKey, LogId), u64>,
+}
+
+impl Heights {
     /// The first sequence number to send of a log (0 when the subscriber has none of it).
     pub fn start_of(&self, author: &PublicKey, log: &LogId) -> u64 {
-        self.have
-            .iter()
-            .find(|h| h.author == *author && h.log == *log)
-            .map_or(0, |h| h.next_seq)
+        // Lookups borrow nothing: the key is built once per log per session.
+        self.next.get(&(*author, log.clone())).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.next.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next.is_empty()
+    }
+
+    fn add(&mut self, heights: Vec<LogHeight>) -> Result<(), SessionError> {
+        for height in heights {
+            self.next
+                .insert((height.author, height.log), height.next_seq);
+        }
+        if self.next.len() > MAX_SESSION_LOGS {
+            return Err(SessionError::TooManyLogs);
+        }
+        Ok(())
+    }
+}
+
+/// The serving side of a session start, without I/O: feed it the frames the subscriber sends
+/// until it returns the complete request and its heights.
+#[derive(Debug, Default)]
+pub struct RequestReader {
+    request: Option<SyncRequest>,
+    heights: Heights,
+}
+
+impl RequestReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the next frame; `Some` when the request is complete.
+    pub fn push(&mut self, frame: Frame) -> Result<Option<(SyncRequest, Heights)>, SessionError> {
+        let more = match (frame, &mut self.request) {
+            (Frame::Request(mut request), None) => {
+                self.heights.add(std::mem::take(&mut request.have))?;
+                let more = request.more_have;
+                self.request = Some(request);
+                more
+            }
+            (Frame::Request(_), Some(_)) => return Err(SessionError::UnexpectedFrame("request")),
+            (Frame::Have { heights, more }, Some(_)) => {
+                self.heights.add(heights)?;
+                more
+            }
+            (_, None) => return Err(SessionError::NoRequest),
+            (Frame::Operation { .. }, Some(_)) => {
+                return Err(SessionError::UnexpectedFrame("operation"));
+            }
+            (Frame::CaughtUp, Some(_)) => return Err(SessionError::UnexpectedFrame("caught-up")),
+        };
+        if more {
+            return Ok(None);
+        }
+        let request = self.request.take().expect("a request was read");
+        Ok(Some((request, std::mem::take(&mut self.heights))))
     }
 }
 
@@ -91,6 +219,11 @@ pub enum Frame {
         body: Vec<u8>,
     },
     CaughtUp,
+    /// A further page of the subscriber's log heights; `more` when another follows.
+    Have {
+        heights: Vec<LogHeight>,
+        more: bool,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -129,6 +262,10 @@ impl Frame {
                 KIND_OPERATION
             }
             Frame::CaughtUp => KIND_CAUGHT_UP,
+            Frame::Have { heights, more } => {
+                ciborium::into_writer(&(heights, more), &mut content).expect("CBOR into a Vec");
+                KIND_HAVE
+            }
         };
         let mut out = Vec::with_capacity(5 + content.len());
         out.extend_from_slice(&((content.len() + 1) as u32).to_be_bytes());
@@ -174,6 +311,14 @@ impl Frame {
                     header: header.to_vec(),
                     body: body.to_vec(),
                 })
+            }
+            KIND_HAVE => {
+                if content.len() > MAX_REQUEST_BYTES {
+                    return Err(FrameError::TooLarge(content.len()));
+                }
+                ciborium::from_reader(content)
+                    .map(|(heights, more)| Frame::Have { heights, more })
+                    .map_err(|err| FrameError::BadRequest(err.to_string()))
             }
             KIND_CAUGHT_UP if content.is_empty() => Ok(Frame::CaughtUp),
             KIND_CAUGHT_UP => Err(FrameError::BadRequest(
@@ -319,8 +464,19 @@ mod tests {
                 next_seq: 7,
             }],
             datasets_prefix: "datasets".into(),
+            relay: true,
+            more_have: false,
         });
         assert_eq!(round_trip(&request), request);
+        let have = Frame::Have {
+            heights: vec![LogHeight {
+                author: key.public_key(),
+                log: LogId::Dataset("weather".into()),
+                next_seq: 2,
+            }],
+            more: true,
+        };
+        assert_eq!(round_trip(&have), have);
         let op = Frame::operation(&chain(&key, 1)[0]);
         assert_eq!(round_trip(&op), op);
         assert_eq!(round_trip(&Frame::CaughtUp), Frame::CaughtUp);
@@ -360,19 +516,26 @@ mod tests {
                 next_seq: 3,
             }],
             datasets_prefix: String::new(),
+            relay: false,
+            more_have: false,
         };
         assert!(request.wants(&a, &LogId::Message("sensors.t1".into())));
         assert!(!request.wants(&a, &LogId::Message("other".into())));
         assert!(!request.wants(&b, &LogId::Message("sensors.t1".into())));
         assert!(!request.wants(&a, &LogId::Dataset("sensors.t1".into())));
+        let (request, heights) = RequestReader::new()
+            .push(Frame::Request(request))
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            request.start_of(&a, &LogId::Message("sensors.t1".into())),
+            heights.start_of(&a, &LogId::Message("sensors.t1".into())),
             3
         );
         assert_eq!(
-            request.start_of(&a, &LogId::Message("sensors.t2".into())),
+            heights.start_of(&a, &LogId::Message("sensors.t2".into())),
             0
         );
+        assert!(request.have.is_empty(), "the heights moved into the index");
         // Datasets are selected by their subject under the subscriber's prefix.
         let datasets = SyncRequest {
             interests: vec![Interest {
@@ -381,6 +544,8 @@ mod tests {
             }],
             have: vec![],
             datasets_prefix: "datasets".into(),
+            relay: false,
+            more_have: false,
         };
         assert!(datasets.wants(&a, &LogId::Dataset("weather".into())));
         assert!(!datasets.wants(&a, &LogId::Dataset("climate".into())));
@@ -398,6 +563,75 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old_peer.datasets_prefix, "");
+        assert!(!old_peer.relay && !old_peer.more_have);
+        // A relaying subscriber wants every log of every author.
+        let relay = SyncRequest {
+            relay: true,
+            ..old_peer
+        };
+        assert!(relay.wants(&b, &LogId::Dataset("anything".into())));
+    }
+
+    #[test]
+    fn heights_of_many_logs_travel_in_pages() {
+        let key = PrivateKey::generate().public_key();
+        let have: Vec<LogHeight> = (0..HAVE_PAGE as u64 * 2 + 5)
+            .map(|i| LogHeight {
+                author: key,
+                log: LogId::Message(format!("s.{i}")),
+                next_seq: i + 1,
+            })
+            .collect();
+        let frames = SyncRequest::frames(Vec::new(), have.clone(), "datasets".into(), true);
+        assert_eq!(frames.len(), 3);
+        let mut reader = RequestReader::new();
+        let mut done = None;
+        for (i, frame) in frames.into_iter().enumerate() {
+            // Every page fits in a frame.
+            assert!(frame.encode().len() < MAX_REQUEST_BYTES);
+            let decoded = Frame::decode(&frame.encode()[4..]).unwrap();
+            let result = reader.push(decoded).unwrap();
+            assert_eq!(result.is_some(), i == 2);
+            done = result;
+        }
+        let (request, heights) = done.unwrap();
+        assert!(request.relay);
+        assert_eq!(heights.len(), have.len());
+        for height in &have {
+            assert_eq!(heights.start_of(&key, &height.log), height.next_seq);
+        }
+    }
+
+    #[test]
+    fn a_session_must_start_with_one_request() {
+        let have = Frame::Have {
+            heights: Vec::new(),
+            more: false,
+        };
+        assert_eq!(
+            RequestReader::new().push(have.clone()).unwrap_err(),
+            SessionError::NoRequest
+        );
+        assert_eq!(
+            RequestReader::new().push(Frame::CaughtUp).unwrap_err(),
+            SessionError::NoRequest
+        );
+        let mut reader = RequestReader::new();
+        let first = SyncRequest::frames(Vec::new(), Vec::new(), String::new(), true).remove(0);
+        let Frame::Request(mut request) = first else {
+            unreachable!()
+        };
+        request.more_have = true;
+        assert!(
+            reader
+                .push(Frame::Request(request.clone()))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            reader.push(Frame::Request(request)).unwrap_err(),
+            SessionError::UnexpectedFrame("request")
+        );
     }
 
     proptest! {

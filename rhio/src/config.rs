@@ -352,12 +352,22 @@ pub struct NetworkConfig {
     pub bind_ip: IpAddr,
     /// UDP port of the QUIC endpoint (0 picks a free one).
     pub bind_port: u16,
-    /// Other rhio nodes to connect to.
+    /// Bootstrap nodes: other rhio nodes to connect to at start (one or two are enough; the
+    /// other members and their addresses are learnt through the network).
     pub known_nodes: Vec<KnownNode>,
+    /// Public keys of the nodes allowed in the network (besides this node). Empty together with
+    /// `members_file`: the known nodes are the members (a hand-wired network).
+    pub members: Vec<PublicKey>,
+    /// A file with one member public key per line (`#` starts a comment), read again every few
+    /// seconds, so members can be added and removed without a restart.
+    pub members_file: Option<PathBuf>,
     /// How often a reachable known node is checked.
     pub probe_interval_secs: u64,
     /// Upper bound of the retry backoff for an unreachable known node.
     pub max_retry_interval_secs: u64,
+    /// Seconds without any answer after which a peer counts as suspect; failed after three times
+    /// as long.
+    pub suspect_after_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -426,8 +436,11 @@ impl Default for NetworkConfig {
             bind_ip: IpAddr::from([0, 0, 0, 0]),
             bind_port: 9102,
             known_nodes: Vec::new(),
+            members: Vec::new(),
+            members_file: None,
             probe_interval_secs: 5,
             max_retry_interval_secs: 30,
+            suspect_after_secs: 15,
         }
     }
 }
@@ -533,6 +546,12 @@ impl Config {
             return Err(ConfigError::BadValue {
                 key: "s3.operation_timeout_secs",
                 reason: "s3.connect_timeout_secs, read_timeout_secs and operation_timeout_secs must be at least 1 (a hung S3 must not hold the node forever)".into(),
+            });
+        }
+        if self.network.suspect_after_secs == 0 {
+            return Err(ConfigError::BadValue {
+                key: "network.suspect_after_secs",
+                reason: "must be at least 1".into(),
             });
         }
         if self.network.probe_interval_secs == 0 {

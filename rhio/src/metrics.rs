@@ -18,6 +18,8 @@ pub struct StateGauges {
     pub s3_reachable: bool,
     pub peers_known: usize,
     pub peers_connected: usize,
+    pub peers_suspect: usize,
+    pub peers_failed: usize,
     pub uptime_secs: u64,
 }
 
@@ -74,6 +76,9 @@ pub struct Metrics {
     pub s3_reachable: Gauge,
     pub peers_known: Gauge,
     pub peers_connected: Gauge,
+    pub peers_suspect: Gauge,
+    pub peers_failed: Gauge,
+    pub sync_sessions_refused: Family<ReasonLabels, Counter>,
     pub uptime_seconds: Gauge,
     pub peer_probes: Family<OutcomeLabels, Counter>,
     pub s3_checks: Family<OutcomeLabels, Counter>,
@@ -119,6 +124,9 @@ impl Metrics {
             s3_reachable: Gauge::default(),
             peers_known: Gauge::default(),
             peers_connected: Gauge::default(),
+            peers_suspect: Gauge::default(),
+            peers_failed: Gauge::default(),
+            sync_sessions_refused: Family::default(),
             uptime_seconds: Gauge::default(),
             peer_probes: Family::default(),
             s3_checks: Family::default(),
@@ -157,13 +165,28 @@ impl Metrics {
         );
         registry.register(
             "peers_known",
-            "Configured known nodes",
+            "Peers tracked: known nodes and overlay neighbours",
             metrics.peers_known.clone(),
         );
         registry.register(
             "peers_connected",
-            "Known nodes reachable over QUIC",
+            "Peers alive (answered within network.suspect_after_secs)",
             metrics.peers_connected.clone(),
+        );
+        registry.register(
+            "peers_suspect",
+            "Peers silent for longer than network.suspect_after_secs or just failed",
+            metrics.peers_suspect.clone(),
+        );
+        registry.register(
+            "peers_failed",
+            "Peers silent for three times network.suspect_after_secs or failing repeatedly",
+            metrics.peers_failed.clone(),
+        );
+        registry.register(
+            "sync_sessions_refused",
+            "Sync sessions refused, by reason (not_a_member)",
+            metrics.sync_sessions_refused.clone(),
         );
         registry.register(
             "uptime_seconds",
@@ -324,6 +347,8 @@ impl Metrics {
         self.s3_reachable.set(state.s3_reachable as i64);
         self.peers_known.set(state.peers_known as i64);
         self.peers_connected.set(state.peers_connected as i64);
+        self.peers_suspect.set(state.peers_suspect as i64);
+        self.peers_failed.set(state.peers_failed as i64);
         self.uptime_seconds.set(state.uptime_secs as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rhio_core::identity::{PrivateKey, PublicKey};
+use rhio_core::identity::PrivateKey;
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,8 @@ pub enum StartError {
     Replication(String),
     #[error("registry mirror: {0}")]
     Mirror(String),
+    #[error("members: {0}")]
+    Members(String),
     #[error("cannot start the transfer runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot create data directory {path}: {source}")]
@@ -217,17 +219,13 @@ impl Node {
         let js = async_nats::jetstream::new(nats.client().clone());
         check_streams(&nats, &js, &config).await?;
 
-        let network =
-            Network::spawn(&config.network, &key, metrics.clone(), shutdown.clone()).await?;
+        let members = crate::network::Members::from_config(&config.network, key.public_key())
+            .map_err(StartError::Members)?;
+        tasks.spawn(members.clone().watch_file(shutdown.clone()));
+        let network = Network::spawn(&config.network, &key, members.clone()).await?;
         // Protocols are registered before sync starts (see Network::accept).
         let index = BlobIndex::default();
         let transfer_runtime = TransferRuntime::new().map_err(StartError::Runtime)?;
-        let known_keys: Vec<PublicKey> = config
-            .network
-            .known_nodes
-            .iter()
-            .map(|node| node.public_key)
-            .collect();
         // The index is filled before the blob server answers anyone.
         let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
             .await
@@ -244,7 +242,6 @@ impl Node {
             config.replication.clone(),
             metrics.clone(),
             network.clone(),
-            known_keys.clone(),
             outbox.clone(),
         );
         replicator
@@ -257,7 +254,7 @@ impl Node {
                 BlobServer::new(
                     s3.clone(),
                     index.clone(),
-                    known_keys.iter().copied().collect(),
+                    members.clone(),
                     metrics.clone(),
                     transfer_runtime.handle(),
                 ),
@@ -265,7 +262,6 @@ impl Node {
             .await?;
         network
             .start_sync(
-                &config.network.known_nodes,
                 store.clone(),
                 routes.clone(),
                 metrics.clone(),

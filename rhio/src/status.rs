@@ -98,6 +98,18 @@ impl NodeStatus {
             s3_reachable: self.s3.reachable,
             peers_known: self.peers.known,
             peers_connected: self.peers.connected,
+            peers_suspect: self
+                .peers
+                .nodes
+                .iter()
+                .filter(|peer| peer.state == "suspect")
+                .count(),
+            peers_failed: self
+                .peers
+                .nodes
+                .iter()
+                .filter(|peer| peer.state == "failed")
+                .count(),
             uptime_secs: self.uptime_secs,
         }
     }

@@ -119,6 +119,8 @@ pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<WriteRequest>,
     events: broadcast::Sender<Arc<SignedOperation>>,
+    /// The author of this node's own logs.
+    own: PublicKey,
 }
 
 const SCHEMA: &str = "
@@ -224,6 +226,7 @@ impl Store {
         let connection = sqlx::ConnectOptions::connect(&options)
             .await
             .map_err(open_error)?;
+        let own = key.public_key();
         let writer = Writer {
             connection: Some(connection),
             full_sync: true,
@@ -241,7 +244,13 @@ impl Store {
             pool,
             writes,
             events,
+            own,
         })
+    }
+
+    /// The author of this node's own logs.
+    pub fn public_key(&self) -> PublicKey {
+        self.own
     }
 
     /// Newly committed operations, in commit order (each log in sequence order).

@@ -3,110 +3,13 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use common::{
-    LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, runtime,
-    stream_messages, subscribe_toml, wait_for,
+    LocalEnv, NodeSpec, RhioNode, assert_routed, js_publish, metric, numbered, publish_toml,
+    runtime, stream_messages, subscribe_toml, wait_for,
 };
-use rhio_core::message::{HEADER_MSG_ID, verify_provenance};
-
-fn payload(i: usize, size: usize) -> Vec<u8> {
-    let mut bytes = format!("message {i:06} ").into_bytes();
-    bytes.resize(size, b'x');
-    bytes
-}
-
-fn numbered(subject: &str, i: usize, size: usize) -> (String, HeaderMap, Vec<u8>) {
-    let mut headers = HeaderMap::new();
-    headers.insert("Seq", i.to_string().as_str());
-    (subject.to_string(), headers, payload(i, size))
-}
-
-/// Checks that `messages` are exactly `expected` per subject, in order, each with valid
-/// provenance by `author`, and no duplicates.
-fn assert_routed(
-    messages: &[async_nats::jetstream::message::StreamMessage],
-    author: &str,
-    expected: &[(String, usize)],
-) {
-    if messages.len() != expected.len() {
-        let ids: HashSet<String> = messages
-            .iter()
-            .map(|m| {
-                m.headers
-                    .get(HEADER_MSG_ID)
-                    .map(|v| v.to_string())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let seqs: HashSet<String> = messages
-            .iter()
-            .map(|m| {
-                format!(
-                    "{}/{}",
-                    m.subject,
-                    m.headers
-                        .get("Seq")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                )
-            })
-            .collect();
-        panic!(
-            "expected {} messages, got {} ({} distinct operations, {} distinct subject/Seq)",
-            expected.len(),
-            messages.len(),
-            ids.len(),
-            seqs.len()
-        );
-    }
-    // Order is guaranteed per (author, subject), not across subjects: compare per subject.
-    let mut ids = HashSet::new();
-    let mut received: std::collections::BTreeMap<
-        String,
-        Vec<&async_nats::jetstream::message::StreamMessage>,
-    > = Default::default();
-    for message in messages {
-        received
-            .entry(message.subject.to_string())
-            .or_default()
-            .push(message);
-    }
-    let mut wanted: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
-    for (subject, i) in expected {
-        wanted.entry(subject.clone()).or_default().push(*i);
-    }
-    assert_eq!(
-        received.keys().collect::<Vec<_>>(),
-        wanted.keys().collect::<Vec<_>>(),
-        "subjects"
-    );
-    for (subject, numbers) in &wanted {
-        let got = &received[subject];
-        assert_eq!(got.len(), numbers.len(), "messages on {subject}");
-        for (seq, (message, i)) in got.iter().zip(numbers).enumerate() {
-            assert_eq!(
-                message.headers.get("Seq").unwrap().as_str(),
-                i.to_string(),
-                "order on {subject}"
-            );
-            assert_eq!(
-                message.payload.as_ref(),
-                payload(*i, message.payload.len()).as_slice()
-            );
-            let headers = header_pairs(&message.headers);
-            let proof = verify_provenance(subject, &headers, &message.payload)
-                .unwrap_or_else(|err| panic!("message {i} on {subject}: {err}"));
-            assert_eq!(proof.author.to_hex(), author);
-            assert_eq!(proof.seq, seq as u64, "author's log order on {subject}");
-            let id = message.headers.get(HEADER_MSG_ID).unwrap().to_string();
-            assert!(ids.insert(id), "duplicate operation");
-        }
-    }
-}
 
 /// Cluster A publishes `subjects` (stream OUT); cluster B subscribes to A on them (stream IN).
 fn pair(subjects: &[&str]) -> common::Pair {
@@ -422,6 +325,21 @@ fn forged_tampered_and_unauthorized_operations_are_rejected() {
         endpoint
     });
 
+    // Where a delivery of the relayed operation would show.
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(
+            async_nats::connect(&env.clusters[0].nats_url)
+                .await
+                .unwrap(),
+        );
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "OTHER".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
     let node = RhioNode::start(spec);
     node.wait_healthy();
     let messages = rt.block_on(stream_messages(
@@ -432,12 +350,9 @@ fn forged_tampered_and_unauthorized_operations_are_rejected() {
     ));
     let expected: Vec<_> = (0..2).map(|i| ("allowed.x".to_string(), i)).collect();
     assert_routed(&messages, &forger.public_key().to_hex(), &expected);
-    for reason in [
-        "invalid",
-        "author_not_allowed",
-        "subject_not_allowed",
-        "malformed_body",
-    ] {
+    // The forger is a known node, so a member: its operation on a subject this node does not
+    // subscribe to is relayed (stored and served on), not rejected, and never delivered here.
+    for reason in ["invalid", "author_not_allowed", "malformed_body"] {
         let name = format!("rhio_operations_rejected_total{{reason=\"{reason}\"}}");
         wait_for(&name, Duration::from_secs(30), || {
             (metric(&node, &name) >= 1.0).then_some(())
@@ -454,4 +369,18 @@ fn forged_tampered_and_unauthorized_operations_are_rejected() {
     ));
     assert_eq!(again.len(), 2);
     assert!(node.log().contains("rejected operation"));
+    let relayed = rt.block_on(async {
+        let js = async_nats::jetstream::new(
+            async_nats::connect(&env.clusters[0].nats_url)
+                .await
+                .unwrap(),
+        );
+        let mut other = js.get_stream("OTHER").await.unwrap();
+        other.info().await.unwrap().state.messages
+    });
+    assert_eq!(relayed, 0, "a relayed message was delivered");
+    assert!(
+        metric(&node, "rhio_operations_received_total") >= 3.0,
+        "the relayed operation is stored beside the two delivered ones"
+    );
 }

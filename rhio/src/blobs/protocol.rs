@@ -10,7 +10,7 @@
 //! The server does not verify what it sends (its S3 could hold rotten bytes); the client checks
 //! each chunk group against the blob hash from the signed manifest before using a byte of it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 
 use super::{BAO_BLOCK_SIZE, BlobIndex};
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::network::Members;
 use crate::s3::S3Store;
 
 /// Protocol id (bound to the network id by p2panda-net).
@@ -98,12 +99,12 @@ fn group_range(request: &RangeRequest) -> (u64, u64) {
 
 // ------------------------------------------------------------------------------- server side
 
-/// Serves blob ranges to known nodes.
+/// Serves blob ranges to members.
 #[derive(Clone)]
 pub struct BlobServer {
     s3: S3Store,
     index: BlobIndex,
-    known: Arc<HashSet<PublicKey>>,
+    members: Members,
     metrics: Arc<Metrics>,
     outboards: Arc<Mutex<OutboardCache>>,
     per_peer: Arc<Mutex<HashMap<PublicKey, Arc<Semaphore>>>>,
@@ -129,14 +130,14 @@ impl BlobServer {
     pub fn new(
         s3: S3Store,
         index: BlobIndex,
-        known: HashSet<PublicKey>,
+        members: Members,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
             s3,
             index,
-            known: Arc::new(known),
+            members,
             metrics,
             outboards: Default::default(),
             per_peer: Default::default(),
@@ -356,15 +357,15 @@ impl bao_tree::io::sync::Size for &Window {
 impl ProtocolHandler for BlobServer {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let peer = PublicKey::from(to_verifying_key(connection.remote_id()));
-        if !self.known.contains(&peer) {
+        if !self.members.contains(&peer) {
             self.metrics
                 .blob_requests_refused
                 .get_or_create(&ReasonLabels {
-                    reason: "unknown_node",
+                    reason: "not_a_member",
                 })
                 .inc();
-            tracing::warn!(%peer, "blob request from a node that is not a known node; refused");
-            connection.close(1u32.into(), b"not a known node");
+            tracing::warn!(%peer, "blob request from a node that is not a member; refused");
+            connection.close(1u32.into(), b"not a member");
             return Ok(());
         }
         let server = self.clone();
@@ -385,6 +386,18 @@ impl BlobServer {
                 Ok(pair) => pair,
                 Err(_) => break,
             };
+            // A member removed while connected loses access with its next request.
+            if !self.members.contains(&peer) {
+                self.metrics
+                    .blob_requests_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "not_a_member",
+                    })
+                    .inc();
+                tracing::warn!(%peer, "no longer a member; blob connection closed");
+                connection.close(1u32.into(), b"not a member");
+                break;
+            }
             while streams.try_join_next().is_some() {}
             let server = self.clone();
             streams.spawn(async move {

@@ -198,7 +198,6 @@ impl<C: Clone> PeerSlots<C> {
 #[derive(Clone)]
 struct PeerConnections {
     network: Network,
-    known: Vec<PublicKey>,
     connections: Arc<PeerSlots<Connection>>,
     cooldown: Arc<Mutex<HashMap<PublicKey, Instant>>>,
 }
@@ -319,7 +318,6 @@ impl Replicator {
         config: ReplicationConfig,
         metrics: Arc<Metrics>,
         network: Network,
-        known: Vec<PublicKey>,
         outbox: super::outbox::Outbox,
     ) -> Self {
         Self {
@@ -339,7 +337,6 @@ impl Replicator {
             transfers: Transfers::default(),
             peers: PeerConnections {
                 network,
-                known,
                 connections: Default::default(),
                 cooldown: Default::default(),
             },
@@ -1002,12 +999,14 @@ impl Transfer<'_> {
         };
         let peers = &self.replicator.peers;
         let timeout = Duration::from_secs(self.replicator.config.request_timeout_secs);
-        let mut last = "no known node".to_string();
-        let count = peers.known.len();
+        let mut last = "no other member".to_string();
         for round in 0..FETCH_ROUNDS {
+            // Any member may hold the blob; the list follows membership changes.
+            let candidates = peers.network.members().others();
+            let count = candidates.len();
             let mut tried = 0;
             for i in 0..count {
-                let peer = peers.known[(i + rotation as usize) % count];
+                let peer = candidates[(i + rotation as usize) % count];
                 if self
                     .replicator
                     .bad_sources
@@ -1085,7 +1084,9 @@ impl Transfer<'_> {
             .expect("bad sources lock");
         self.replicator
             .peers
-            .known
+            .network
+            .members()
+            .others()
             .iter()
             .all(|peer| bad.contains(&(*peer, hash)))
     }

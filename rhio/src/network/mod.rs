@@ -1,15 +1,25 @@
 //! The node's QUIC endpoint (p2panda-net on iroh) and its view of the other clusters' nodes.
 //!
-//! The endpoint is offline by design: no relay, no DNS or pkarr discovery, no mDNS. Peers come
-//! from `network.known_nodes` (public key + UDP addresses), entered into p2panda-net's address
-//! book as bootstrap nodes. Every protocol on the endpoint is bound to the network id derived from
-//! `network.network_id`, so nodes of different networks cannot complete a handshake.
+//! The endpoint has no relay and no DNS, pkarr or mDNS lookup. Bootstrap nodes come from
+//! `network.known_nodes` (public key + UDP addresses), entered into p2panda-net's address book.
+//! Every protocol on the endpoint is bound to the network id derived from `network.network_id`,
+//! so nodes of different networks cannot complete a handshake.
 //!
-//! Reachability of known nodes is measured with a tiny hello protocol ([`HELLO_ALPN`]): each node
-//! probes every known node, quickly while it answers and with capped exponential backoff while it
-//! does not, so a node that comes back is noticed without operator action.
+//! The federation: every node joins p2panda-net's gossip overlay for the network (HyParView:
+//! a small active view of neighbours that the overlay keeps repaired, a larger passive view) and
+//! runs p2panda-net's discovery (random walks that exchange signed address records through the
+//! address book), so a node configured with one bootstrap node learns the other members and how
+//! to reach them. The overlay only samples peers: operations travel in sync sessions
+//! ([`sync`]) held with the known nodes and the current overlay neighbours that are members
+//! ([`members`]), and dataset blobs are fetched directly from any member that holds them.
+//!
+//! Liveness (the failure detector of [`PeerTable`]) comes from a tiny hello protocol
+//! ([`HELLO_ALPN`]) and from sync traffic: each node probes its known nodes and neighbours,
+//! quickly while they answer and with capped exponential backoff while they do not.
 
 mod hello;
+pub mod members;
+mod overlay;
 pub mod sync;
 
 use std::collections::BTreeMap;
@@ -29,12 +39,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{KnownNode, NetworkConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
+pub use members::Members;
 /// What status reports about the QUIC endpoint.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetworkStatus {
     pub network_id: String,
     /// UDP sockets the QUIC endpoint is bound to.
     pub bound_addresses: Vec<String>,
+    /// Other members of the network (allowed to hold sessions and fetch blobs).
+    #[serde(default)]
+    pub members: usize,
+    /// Current overlay neighbours.
+    #[serde(default)]
+    pub neighbours: usize,
 }
 
 pub use hello::HELLO_ALPN;
@@ -60,18 +77,34 @@ pub enum NetworkError {
     },
 }
 
-/// What the node knows about one known node.
+/// What the node knows about one peer: a known node, an overlay neighbour that is a member, or a
+/// sampled member.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub public_key: PublicKey,
     pub addresses: Vec<SocketAddr>,
-    /// A hello was exchanged (in either direction) recently.
+    /// `alive` (answered within `network.suspect_after_secs`), `suspect` (silent for longer, or
+    /// a probe or session just failed) or `failed` (silent for three times as long, or three
+    /// failures in a row).
+    pub state: String,
+    /// Alive: a hello or sync frame was exchanged (in either direction) recently.
     pub connected: bool,
+    /// Configured in `network.known_nodes`.
+    pub known: bool,
+    /// A neighbour in the gossip overlay's active view right now.
+    pub neighbour: bool,
+    /// Picked at random from the members list because fewer than three members were known
+    /// nodes or neighbours (the overlay may hold nodes that are no members).
+    pub sampled: bool,
+    /// In the members list (sessions are held with members only).
+    pub member: bool,
     /// Round trip of the last successful outbound probe, in milliseconds.
     pub rtt_ms: Option<f64>,
     /// Seconds since the last successful exchange.
     pub last_seen_secs_ago: Option<u64>,
-    /// Why the last outbound probe failed, if it did.
+    /// Probes and sync sessions that failed since the last success.
+    pub failures: u64,
+    /// Why the last probe or session failed, if it did.
     pub last_error: Option<String>,
 }
 
@@ -79,25 +112,51 @@ pub struct PeerStatus {
 struct PeerState {
     addresses: Vec<SocketAddr>,
     last_seen: Option<Instant>,
+    last_failure: Option<Instant>,
+    failures: u64,
     rtt: Option<Duration>,
     last_error: Option<String>,
+    known: bool,
+    neighbour: bool,
+    /// Picked from the members list because too few members were in view.
+    sampled: bool,
 }
 
-/// Known nodes and their reachability, shared by the probes, the hello handler and status.
+impl PeerState {
+    fn state(&self, suspect_after: Duration) -> &'static str {
+        let failed_since_seen = match (self.last_seen, self.last_failure) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(seen), Some(failure)) => failure > seen,
+        };
+        let silent = self.last_seen.map(|seen| seen.elapsed());
+        if !failed_since_seen && silent.is_some_and(|silent| silent < suspect_after) {
+            "alive"
+        } else if self.failures >= 3 || silent.is_some_and(|silent| silent >= suspect_after * 3) {
+            "failed"
+        } else {
+            "suspect"
+        }
+    }
+}
+
+/// Peers and their liveness, shared by the probes, the sync sessions, the hello handler and
+/// status: the failure detector.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct PeerTable {
+pub struct PeerTable {
     peers: Arc<Mutex<BTreeMap<PublicKey, PeerState>>>,
-    /// A peer counts as connected while its last exchange is younger than this.
-    fresh_for: Duration,
+    suspect_after: Duration,
+    members: Option<members::Members>,
 }
 
 impl PeerTable {
-    fn new(known: &[KnownNode], fresh_for: Duration) -> Self {
+    fn new(known: &[KnownNode], suspect_after: Duration, members: members::Members) -> Self {
         let peers = known
             .iter()
             .map(|node| {
                 let state = PeerState {
                     addresses: node.addresses.clone(),
+                    known: true,
                     ..Default::default()
                 };
                 (node.public_key, state)
@@ -105,7 +164,8 @@ impl PeerTable {
             .collect();
         Self {
             peers: Arc::new(Mutex::new(peers)),
-            fresh_for,
+            suspect_after,
+            members: Some(members),
         }
     }
 
@@ -113,50 +173,91 @@ impl PeerTable {
         f(&mut self.peers.lock().expect("peer table lock"))
     }
 
-    /// Records a successful exchange; returns true when the peer was not connected before.
+    /// Marks `peer` as an overlay neighbour (or no longer one).
+    fn set_neighbour(&self, peer: &PublicKey, neighbour: bool) {
+        self.set_role(peer, neighbour, |state| &mut state.neighbour);
+    }
+
+    /// Marks `peer` as sampled from the members list (or no longer).
+    fn set_sampled(&self, peer: &PublicKey, sampled: bool) {
+        self.set_role(peer, sampled, |state| &mut state.sampled);
+    }
+
+    /// A peer that is neither known, nor a neighbour, nor sampled leaves the table.
+    fn set_role(&self, peer: &PublicKey, on: bool, role: fn(&mut PeerState) -> &mut bool) {
+        self.with(|peers| {
+            if on {
+                *role(peers.entry(*peer).or_default()) = true;
+            } else if let Some(state) = peers.get_mut(peer) {
+                *role(state) = false;
+                if !state.known && !state.neighbour && !state.sampled {
+                    peers.remove(peer);
+                }
+            }
+        })
+    }
+
+    /// The peer's liveness, when it is in the table.
+    fn state_of(&self, peer: &PublicKey) -> Option<&'static str> {
+        let suspect_after = self.suspect_after;
+        self.with(|peers| peers.get(peer).map(|state| state.state(suspect_after)))
+    }
+
+    /// Records a successful exchange; returns true when the peer was not alive before.
     pub(crate) fn seen(&self, peer: &PublicKey, rtt: Option<Duration>) -> bool {
-        let fresh_for = self.fresh_for;
+        let suspect_after = self.suspect_after;
         self.with(|peers| {
             let Some(state) = peers.get_mut(peer) else {
                 return false;
             };
-            let was_connected = state.last_seen.is_some_and(|t| t.elapsed() < fresh_for);
+            let was_alive = state.state(suspect_after) == "alive";
             state.last_seen = Some(Instant::now());
+            state.failures = 0;
             state.last_error = None;
             if rtt.is_some() {
                 state.rtt = rtt;
             }
-            !was_connected
+            !was_alive
         })
     }
 
-    /// Records a failed probe; returns true when the peer counted as connected until now.
-    fn failed(&self, peer: &PublicKey, error: String) -> bool {
-        let fresh_for = self.fresh_for;
+    /// Records a failed probe or session; returns true when the peer counted as alive until now.
+    pub(crate) fn failed(&self, peer: &PublicKey, error: String) -> bool {
+        let suspect_after = self.suspect_after;
         self.with(|peers| {
             let Some(state) = peers.get_mut(peer) else {
                 return false;
             };
-            let was_connected = state.last_seen.is_some_and(|t| t.elapsed() < fresh_for);
-            // A failed outbound probe means the path is down now, whatever was seen before.
-            state.last_seen = None;
+            let was_alive = state.state(suspect_after) == "alive";
+            state.last_failure = Some(Instant::now());
+            state.failures += 1;
             state.last_error = Some(error);
-            was_connected
+            was_alive
         })
     }
 
     fn snapshot(&self) -> Vec<PeerStatus> {
-        let fresh_for = self.fresh_for;
+        let suspect_after = self.suspect_after;
+        let members = self.members.clone();
         self.with(|peers| {
             peers
                 .iter()
-                .map(|(key, state)| PeerStatus {
-                    public_key: *key,
-                    addresses: state.addresses.clone(),
-                    connected: state.last_seen.is_some_and(|t| t.elapsed() < fresh_for),
-                    rtt_ms: state.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
-                    last_seen_secs_ago: state.last_seen.map(|t| t.elapsed().as_secs()),
-                    last_error: state.last_error.clone(),
+                .map(|(key, state)| {
+                    let health = state.state(suspect_after);
+                    PeerStatus {
+                        public_key: *key,
+                        addresses: state.addresses.clone(),
+                        state: health.into(),
+                        connected: health == "alive",
+                        known: state.known,
+                        neighbour: state.neighbour,
+                        sampled: state.sampled,
+                        member: members.as_ref().is_some_and(|m| m.contains(key)),
+                        rtt_ms: state.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
+                        last_seen_secs_ago: state.last_seen.map(|t| t.elapsed().as_secs()),
+                        failures: state.failures,
+                        last_error: state.last_error.clone(),
+                    }
                 })
                 .collect()
         })
@@ -168,28 +269,37 @@ impl PeerTable {
 pub struct Network {
     endpoint: Endpoint,
     peers: PeerTable,
+    members: Members,
+    overlay: Arc<overlay::Overlay>,
+    known: Arc<Vec<KnownNode>>,
     network_name: String,
     bound: Vec<SocketAddr>,
+    probe_interval: Duration,
+    max_retry: Duration,
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
     /// Set by [`Network::start_sync`]; no protocol may be added after it (see [`Network::accept`]).
     sync_started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Network {
-    /// Binds the endpoint, registers the known nodes and starts probing them.
+    /// Binds the endpoint, registers the known nodes, and joins the overlay.
     pub async fn spawn(
         config: &NetworkConfig,
         key: &PrivateKey,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
+        members: Members,
     ) -> Result<Self, NetworkError> {
         let address_book = AddressBook::builder()
             .spawn()
             .await
             .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
+        let topic = overlay::topic(&config.network_id);
         for node in &config.known_nodes {
             address_book
                 .insert_node_info(node_info(node))
+                .await
+                .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
+            address_book
+                .add_topic(node.public_key.verifying_key(), topic)
                 .await
                 .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
         }
@@ -218,7 +328,7 @@ impl Network {
             },
             bind_port_v6: 0,
         };
-        let endpoint = Endpoint::builder(address_book)
+        let endpoint = Endpoint::builder(address_book.clone())
             .network_id(rhio_core::network::network_id(&config.network_id))
             .signing_key(key.signing_key().clone())
             .config(iroh_config)
@@ -239,8 +349,8 @@ impl Network {
             });
         }
 
-        let fresh_for = Duration::from_secs(config.probe_interval_secs * 3);
-        let peers = PeerTable::new(&config.known_nodes, fresh_for);
+        let suspect_after = Duration::from_secs(config.suspect_after_secs);
+        let peers = PeerTable::new(&config.known_nodes, suspect_after, members.clone());
         endpoint
             .accept(
                 HELLO_ALPN,
@@ -248,32 +358,31 @@ impl Network {
             )
             .await
             .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
-
-        let mut tasks = JoinSet::new();
+        // Before sync starts: the overlay and discovery register protocols of their own.
+        let overlay = overlay::Overlay::join(address_book, endpoint.clone(), topic).await?;
         for node in &config.known_nodes {
-            let prober = Prober {
-                endpoint: endpoint.clone(),
-                peer: node.public_key,
-                peers: peers.clone(),
-                metrics: metrics.clone(),
-                interval: Duration::from_secs(config.probe_interval_secs),
-                max_retry: Duration::from_secs(config.max_retry_interval_secs.max(1)),
-                shutdown: shutdown.clone(),
-            };
-            tasks.spawn(prober.run());
+            if !members.contains(&node.public_key) {
+                tracing::warn!(node = %node.public_key, "known node is not in the members list: used to bootstrap only, no sync sessions with it");
+            }
         }
         tracing::info!(
             network_id = %config.network_id,
             addresses = ?bound,
             known_nodes = config.known_nodes.len(),
-            "QUIC endpoint bound"
+            members = members.others().len(),
+            "QUIC endpoint bound, overlay joined"
         );
         Ok(Self {
             endpoint,
             peers,
+            members,
+            overlay: Arc::new(overlay),
+            known: Arc::new(config.known_nodes.clone()),
             network_name: config.network_id.clone(),
             bound,
-            tasks: Arc::new(tokio::sync::Mutex::new(tasks)),
+            probe_interval: Duration::from_secs(config.probe_interval_secs),
+            max_retry: Duration::from_secs(config.max_retry_interval_secs.max(1)),
+            tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
             sync_started: Default::default(),
         })
     }
@@ -299,46 +408,48 @@ impl Network {
             .map_err(|err| NetworkError::Endpoint(err.to_string()))
     }
 
-    /// Serves sync sessions to known nodes and keeps one open to each of them when this node
-    /// subscribes to anything.
+    /// Serves sync sessions to members, and probes and holds a sync session with every known
+    /// node and overlay neighbour that is a member, following the overlay as it changes.
     pub async fn start_sync(
         &self,
-        known: &[KnownNode],
         store: crate::store::Store,
         routes: crate::routing::Routes,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<(), NetworkError> {
-        let known_keys = known.iter().map(|node| node.public_key).collect();
         self.sync_started
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.endpoint
             .accept(
                 sync::SYNC_ALPN,
-                sync::SyncServer::new(store.clone(), known_keys, metrics.clone()),
+                sync::SyncServer::new(store.clone(), self.members.clone(), metrics.clone()),
             )
             .await
             .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
-        if routes.interests().is_empty() {
-            return Ok(());
-        }
-        let mut tasks = self.tasks.lock().await;
-        for node in known {
-            let client = sync::SyncClient {
-                endpoint: self.endpoint.clone(),
-                peer: node.public_key,
-                store: store.clone(),
-                routes: routes.clone(),
-                metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
-            };
-            tasks.spawn(client.run());
-        }
+        let events = self
+            .overlay
+            .take_events()
+            .ok_or_else(|| NetworkError::Endpoint("sync started twice".into()))?;
+        let manager = PeerManager {
+            network: self.clone(),
+            acceptance: sync::Acceptance {
+                routes,
+                members: self.members.clone(),
+            },
+            store,
+            metrics,
+            shutdown,
+        };
+        self.tasks.lock().await.spawn(manager.run(events));
         Ok(())
     }
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    pub fn members(&self) -> &Members {
+        &self.members
     }
 
     pub fn peers(&self) -> Vec<PeerStatus> {
@@ -349,16 +460,181 @@ impl Network {
         NetworkStatus {
             network_id: self.network_name.clone(),
             bound_addresses: self.bound.iter().map(ToString::to_string).collect(),
+            members: self.members.others().len(),
+            neighbours: self
+                .peers
+                .snapshot()
+                .iter()
+                .filter(|peer| peer.neighbour)
+                .count(),
         }
     }
 
-    /// Waits for the probes to stop (the shutdown token must be cancelled) and closes the
+    /// Waits for the peer tasks to stop (the shutdown token must be cancelled) and closes the
     /// endpoint, telling connected peers that we leave.
     pub async fn close(&self) {
         let mut tasks = self.tasks.lock().await;
         while tasks.join_next().await.is_some() {}
         if let Ok(endpoint) = self.endpoint.endpoint().await {
             endpoint.close().await;
+        }
+    }
+}
+
+/// Members a node keeps sync sessions with at least (when the network has that many): known
+/// nodes and overlay neighbours first, topped up with members sampled at random.
+const MIN_SYNC_PEERS: usize = 3;
+/// How often the sample is checked (failed sampled peers replaced).
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// A sampled peer that failed is not picked again for this long.
+const SAMPLE_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// Keeps a prober and (for members) a sync session running for every known node, overlay
+/// neighbour and sampled member, starting and stopping them as neighbours come and go and
+/// members change.
+///
+/// The overlay's active view may hold nodes that are no members (anyone who knows the network
+/// name can join the gossip topic) or members that were removed; so that such neighbours cannot
+/// starve a member of data, the manager tops the members it syncs with up to
+/// [`MIN_SYNC_PEERS`] with members picked at random from the list (their addresses come from
+/// discovery), and replaces a sampled member that failed.
+struct PeerManager {
+    network: Network,
+    acceptance: sync::Acceptance,
+    store: crate::store::Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl PeerManager {
+    async fn run(self, mut events: overlay::Events) {
+        use std::collections::BTreeSet;
+        let known: BTreeSet<PublicKey> = self
+            .network
+            .known
+            .iter()
+            .map(|node| node.public_key)
+            .collect();
+        let members = &self.network.members;
+        let peers = &self.network.peers;
+        let mut neighbours = BTreeSet::new();
+        let mut sampled: BTreeSet<PublicKey> = BTreeSet::new();
+        let mut cooling: BTreeMap<PublicKey, Instant> = BTreeMap::new();
+        let mut running: BTreeMap<PublicKey, (bool, CancellationToken)> = BTreeMap::new();
+        let mut changes = members.changes();
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        let own = self.store.public_key();
+        loop {
+            // Neighbours that are no members are left alone (no probes, no sessions, not listed).
+            for peer in &neighbours {
+                peers.set_neighbour(peer, members.contains(peer));
+            }
+            let in_view: BTreeSet<PublicKey> = known
+                .iter()
+                .chain(neighbours.iter().filter(|peer| members.contains(peer)))
+                .filter(|peer| **peer != own)
+                .copied()
+                .collect();
+            // The sample: drop what is in view anyway, no member, or failed; top it up.
+            cooling.retain(|_, since| since.elapsed() < SAMPLE_COOLDOWN);
+            sampled.retain(|peer| {
+                let failed = peers.state_of(peer) == Some("failed");
+                if failed {
+                    cooling.insert(*peer, Instant::now());
+                }
+                let keep = !failed && members.contains(peer) && !in_view.contains(peer);
+                if !keep {
+                    peers.set_sampled(peer, false);
+                }
+                keep
+            });
+            let syncing = in_view.iter().filter(|peer| members.contains(peer)).count();
+            let mut candidates: Vec<PublicKey> = members
+                .others()
+                .into_iter()
+                .filter(|peer| {
+                    !in_view.contains(peer)
+                        && !sampled.contains(peer)
+                        && !cooling.contains_key(peer)
+                })
+                .collect();
+            let order = std::collections::hash_map::RandomState::new();
+            candidates.sort_by_key(|peer| std::hash::BuildHasher::hash_one(&order, peer));
+            for peer in candidates
+                .into_iter()
+                .take(MIN_SYNC_PEERS.saturating_sub(syncing + sampled.len()))
+            {
+                tracing::debug!(%peer, "sampled a member to sync with");
+                peers.set_sampled(&peer, true);
+                sampled.insert(peer);
+            }
+            // Wanted: every peer in view or sampled; with a sync session when it is a member.
+            let wanted: BTreeMap<PublicKey, bool> = in_view
+                .iter()
+                .chain(sampled.iter())
+                .map(|peer| (*peer, members.contains(peer)))
+                .collect();
+            running.retain(|peer, (syncs, token)| {
+                let keep = wanted.get(peer) == Some(syncs);
+                if !keep {
+                    token.cancel();
+                }
+                keep
+            });
+            let mut tasks = self.network.tasks.lock().await;
+            for (peer, syncs) in &wanted {
+                if running.contains_key(peer) {
+                    continue;
+                }
+                let token = self.shutdown.child_token();
+                tasks.spawn(
+                    Prober {
+                        endpoint: self.network.endpoint.clone(),
+                        peer: *peer,
+                        peers: peers.clone(),
+                        metrics: self.metrics.clone(),
+                        interval: self.network.probe_interval,
+                        max_retry: self.network.max_retry,
+                        shutdown: token.clone(),
+                    }
+                    .run(),
+                );
+                if *syncs {
+                    tasks.spawn(
+                        sync::SyncClient {
+                            endpoint: self.network.endpoint.clone(),
+                            peer: *peer,
+                            store: self.store.clone(),
+                            acceptance: self.acceptance.clone(),
+                            peers: peers.clone(),
+                            metrics: self.metrics.clone(),
+                            shutdown: token.clone(),
+                        }
+                        .run(),
+                    );
+                }
+                running.insert(*peer, (*syncs, token));
+            }
+            drop(tasks);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                event = events.next() => match event {
+                    Some(overlay::Change::Up(peer)) if peer != own && neighbours.insert(peer) => {
+                        tracing::info!(%peer, member = members.contains(&peer), "overlay neighbour up");
+                    }
+                    Some(overlay::Change::Down(peer)) if neighbours.remove(&peer) => {
+                        tracing::info!(%peer, "overlay neighbour down");
+                        peers.set_neighbour(&peer, false);
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 }
@@ -373,7 +649,7 @@ fn node_info(node: &KnownNode) -> NodeInfo {
     info
 }
 
-/// Probes one known node until shutdown.
+/// Probes one peer until its token is cancelled.
 struct Prober {
     endpoint: Endpoint,
     peer: PublicKey,
@@ -401,7 +677,7 @@ impl Prober {
                         .get_or_create(&OutcomeLabels { outcome: "ok" })
                         .inc();
                     if self.peers.seen(&self.peer, Some(rtt)) {
-                        tracing::info!(peer = %self.peer, rtt_ms = rtt.as_secs_f64() * 1000.0, "known node reachable");
+                        tracing::info!(peer = %self.peer, rtt_ms = rtt.as_secs_f64() * 1000.0, "peer reachable");
                     }
                     retry = MIN_RETRY;
                     self.interval
@@ -412,9 +688,9 @@ impl Prober {
                         .get_or_create(&OutcomeLabels { outcome: "error" })
                         .inc();
                     if self.peers.failed(&self.peer, error.clone()) {
-                        tracing::warn!(peer = %self.peer, %error, "known node unreachable; retrying with backoff");
+                        tracing::warn!(peer = %self.peer, %error, "peer unreachable; retrying with backoff");
                     } else {
-                        tracing::debug!(peer = %self.peer, %error, ?retry, "known node still unreachable");
+                        tracing::debug!(peer = %self.peer, %error, ?retry, "peer still unreachable");
                     }
                     let pause = retry;
                     retry = (retry * 2).min(self.max_retry);

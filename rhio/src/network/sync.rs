@@ -1,16 +1,19 @@
 //! `rhio/sync/1`: catch-up and live push of operations between nodes (frames and reordering are
 //! in [`rhio_core::sync`]).
 //!
-//! Every node keeps one session open to each known node (the client side) asking for the authors
-//! and subjects it subscribes to, and answers such sessions from known nodes (the server side).
-//! Because a server sends everything it has stored, whoever authored it, a node forwards the
-//! operations of third authors: in a line A-B-C, C receives A's messages through B.
+//! Every node keeps one session open to each of its sync peers (its known nodes and its overlay
+//! neighbours that are members; the client side) and answers such sessions from members (the
+//! server side). Every node relays: it asks for every log of every member author, stores what it
+//! receives and serves it on, whether or not it delivers it into its own JetStream (that is what
+//! `[[subscribe]]` decides). So in a line A-B-C, C receives A's messages through B even when B
+//! subscribes to nothing.
 //!
 //! The client verifies every operation (signature, hash, log chain) and checks that its author
-//! and subject are allowed before storing it; anything else is rejected with a reason in the log
-//! and in `rhio_operations_rejected_total{reason}`, and the session goes on.
+//! is a member (or, for an author that is no member, that it subscribes to that subject) before
+//! storing it; anything else is rejected with a reason in the log and in
+//! `rhio_operations_rejected_total{reason}`, and the session goes on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +24,13 @@ use p2panda_net::utils::to_verifying_key;
 use rhio_core::identity::PublicKey;
 use rhio_core::message::RoutedMessage;
 use rhio_core::operation::{LogId, SignedOperation};
-use rhio_core::sync::{Frame, LogHeight, SyncRequest};
+use rhio_core::sync::{Frame, Heights, LogHeight, RequestReader, SyncRequest};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::PeerTable;
+use super::members::Members;
 use crate::metrics::{Metrics, ReasonLabels, RejectReason};
 use crate::routing::Routes;
 use crate::store::{InsertOutcome, Store};
@@ -42,6 +47,8 @@ const VERIFY_BATCH: usize = 512;
 const MIN_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a subscriber may take to send its whole request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 type LogKey = (PublicKey, LogId);
 
@@ -71,11 +78,11 @@ pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), Str
 
 // ------------------------------------------------------------------------------- server side
 
-/// Answers sync sessions of known nodes.
+/// Answers sync sessions of members.
 #[derive(Clone)]
 pub struct SyncServer {
     store: Store,
-    known: Arc<HashSet<PublicKey>>,
+    members: Members,
     metrics: Arc<Metrics>,
 }
 
@@ -86,11 +93,34 @@ impl std::fmt::Debug for SyncServer {
 }
 
 impl SyncServer {
-    pub fn new(store: Store, known: HashSet<PublicKey>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Store, members: Members, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
-            known: Arc::new(known),
+            members,
             metrics,
+        }
+    }
+}
+
+/// Reads the subscriber's request and all its pages of heights.
+async fn read_request(recv: &mut RecvStream) -> Result<(SyncRequest, Heights), String> {
+    let mut reader = RequestReader::new();
+    loop {
+        let frame = read_frame(recv)
+            .await?
+            .ok_or_else(|| rhio_core::sync::SessionError::Incomplete.to_string())?;
+        if let Some(done) = reader.push(frame).map_err(|err| err.to_string())? {
+            return Ok(done);
+        }
+    }
+}
+
+/// Resolves when `peer` is no longer a member.
+async fn until_removed(members: &Members, peer: &PublicKey) {
+    let mut changes = members.changes();
+    while members.contains(peer) {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -98,17 +128,33 @@ impl SyncServer {
 impl ProtocolHandler for SyncServer {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let remote = PublicKey::from(to_verifying_key(connection.remote_id()));
-        if !self.known.contains(&remote) {
-            tracing::warn!(peer = %remote, "sync session from a node that is not a known node; refused");
-            connection.close(1u32.into(), b"not a known node");
+        if !self.members.contains(&remote) {
+            self.metrics
+                .sync_sessions_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "not_a_member",
+                })
+                .inc();
+            tracing::warn!(peer = %remote, "sync session from a node that is not a member; refused");
+            connection.close(1u32.into(), b"not a member");
             return Ok(());
         }
         let (mut send, mut recv) = connection.accept_bi().await?;
-        let request = match read_frame(&mut recv).await {
-            Ok(Some(Frame::Request(request))) => request,
-            other => {
-                tracing::warn!(peer = %remote, ?other, "sync session did not start with a request");
+        let (request, heights) = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_request(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(request)) => request,
+            Ok(Err(err)) => {
+                tracing::warn!(peer = %remote, %err, "sync session did not start with a valid request");
                 connection.close(2u32.into(), b"expected a request");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(peer = %remote, "sync request not complete within {REQUEST_TIMEOUT:?}");
+                connection.close(2u32.into(), b"request timed out");
                 return Ok(());
             }
         };
@@ -116,9 +162,19 @@ impl ProtocolHandler for SyncServer {
             .sync_sessions
             .get_or_create(&ReasonLabels { reason: "serving" })
             .inc();
+        let session = Session {
+            remote,
+            request: &request,
+            heights: &heights,
+        };
         let result = tokio::select! {
-            result = serve(&self.store, &request, &mut send) => result,
+            result = session.serve(&self.store, &mut send) => result,
             _ = connection.closed() => Ok(()),
+            _ = until_removed(&self.members, &remote) => {
+                tracing::warn!(peer = %remote, "no longer a member; sync session closed");
+                connection.close(1u32.into(), b"not a member");
+                Ok(())
+            }
         };
         self.metrics
             .sync_sessions
@@ -131,61 +187,75 @@ impl ProtocolHandler for SyncServer {
     }
 }
 
-/// Sends everything `request` lacks, then every new matching operation, until an error.
-async fn serve(store: &Store, request: &SyncRequest, send: &mut SendStream) -> Result<(), String> {
-    // Subscribe first: what is committed while catching up arrives as an event too.
-    let mut events = store.subscribe();
-    let mut sent: HashMap<LogKey, u64> = HashMap::new();
-    catch_up(store, request, &mut sent, send).await?;
-    write_frame(send, &Frame::CaughtUp).await?;
-    loop {
-        let op = match events.recv().await {
-            Ok(op) => op,
-            Err(RecvError::Lagged(_)) => {
-                catch_up(store, request, &mut sent, send).await?;
-                continue;
-            }
-            Err(RecvError::Closed) => return Err("store closed".into()),
-        };
-        let author = op.author();
-        if !request.wants(&author, op.log()) {
-            continue;
-        }
-        let key = (author, op.log().clone());
-        let next = *sent
-            .entry(key.clone())
-            .or_insert_with(|| request.start_of(&author, op.log()));
-        if op.seq() == next {
-            write_frame(send, &Frame::operation(&op)).await?;
-            sent.insert(key, next + 1);
-        } else if op.seq() > next {
-            let next = send_log(store, &key, next, op.seq() + 1, send).await?;
-            sent.insert(key, next);
-        }
-    }
+/// What one subscriber asked for.
+struct Session<'a> {
+    remote: PublicKey,
+    request: &'a SyncRequest,
+    heights: &'a Heights,
 }
 
-/// Sends every stored operation of the logs `request` wants, from where the peer stands.
-async fn catch_up(
-    store: &Store,
-    request: &SyncRequest,
-    sent: &mut HashMap<LogKey, u64>,
-    send: &mut SendStream,
-) -> Result<(), String> {
-    let logs = store.logs().await.map_err(|err| err.to_string())?;
-    for log in logs {
-        if !request.wants(&log.author, &log.log) {
-            continue;
-        }
-        let key = (log.author, log.log.clone());
-        let from = sent
-            .get(&key)
-            .copied()
-            .unwrap_or_else(|| request.start_of(&log.author, &log.log));
-        let next = send_log(store, &key, from, log.next_seq, send).await?;
-        sent.insert(key, next);
+impl Session<'_> {
+    /// A subscriber is never sent its own operations back (it has them all).
+    fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
+        *author != self.remote && self.request.wants(author, log)
     }
-    Ok(())
+
+    /// Sends everything the subscriber lacks, then every new wanted operation, until an error.
+    async fn serve(&self, store: &Store, send: &mut SendStream) -> Result<(), String> {
+        // Subscribe first: what is committed while catching up arrives as an event too.
+        let mut events = store.subscribe();
+        let mut sent: HashMap<LogKey, u64> = HashMap::new();
+        self.catch_up(store, &mut sent, send).await?;
+        write_frame(send, &Frame::CaughtUp).await?;
+        loop {
+            let op = match events.recv().await {
+                Ok(op) => op,
+                Err(RecvError::Lagged(_)) => {
+                    self.catch_up(store, &mut sent, send).await?;
+                    continue;
+                }
+                Err(RecvError::Closed) => return Err("store closed".into()),
+            };
+            let author = op.author();
+            if !self.wants(&author, op.log()) {
+                continue;
+            }
+            let key = (author, op.log().clone());
+            let next = *sent
+                .entry(key.clone())
+                .or_insert_with(|| self.heights.start_of(&author, op.log()));
+            if op.seq() == next {
+                write_frame(send, &Frame::operation(&op)).await?;
+                sent.insert(key, next + 1);
+            } else if op.seq() > next {
+                let next = send_log(store, &key, next, op.seq() + 1, send).await?;
+                sent.insert(key, next);
+            }
+        }
+    }
+
+    /// Sends every stored operation of the wanted logs, from where the subscriber stands.
+    async fn catch_up(
+        &self,
+        store: &Store,
+        sent: &mut HashMap<LogKey, u64>,
+        send: &mut SendStream,
+    ) -> Result<(), String> {
+        let logs = store.logs().await.map_err(|err| err.to_string())?;
+        for log in logs {
+            if !self.wants(&log.author, &log.log) {
+                continue;
+            }
+            let key = (log.author, log.log.clone());
+            let from = sent
+                .get(&key)
+                .copied()
+                .unwrap_or_else(|| self.heights.start_of(&log.author, &log.log));
+            let next = send_log(store, &key, from, log.next_seq, send).await?;
+            sent.insert(key, next);
+        }
+        Ok(())
+    }
 }
 
 /// Sends the stored operations of one log from `from` up to (excluding) `until`; returns the
@@ -213,12 +283,40 @@ async fn send_log(
 
 // ------------------------------------------------------------------------------- client side
 
-/// Keeps a sync session open to one known node, reconnecting with backoff.
+/// Which received operations a node stores.
+#[derive(Clone)]
+pub struct Acceptance {
+    pub routes: Routes,
+    pub members: Members,
+}
+
+impl Acceptance {
+    /// Members' operations are all relayed; an author that is no member is accepted only for
+    /// what this node subscribes to.
+    fn check(&self, author: &PublicKey, log: &LogId) -> Result<(), (RejectReason, String)> {
+        if self.members.contains(author) {
+            return Ok(());
+        }
+        if !self.routes.accepts_author(author) {
+            return Err((RejectReason::AuthorNotAllowed, format!("author {author}")));
+        }
+        if !self.routes.accepts(author, log) {
+            return Err((
+                RejectReason::SubjectNotAllowed,
+                format!("author {author} log {log:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a sync session open to one peer, reconnecting with backoff.
 pub struct SyncClient {
     pub endpoint: Endpoint,
     pub peer: PublicKey,
     pub store: Store,
-    pub routes: Routes,
+    pub acceptance: Acceptance,
+    pub peers: PeerTable,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
 }
@@ -234,6 +332,7 @@ impl SyncClient {
             };
             if let Err(err) = result {
                 tracing::debug!(peer = %self.peer, %err, "sync session ended");
+                self.peers.failed(&self.peer, err);
             }
             // A session that lasted a while was healthy: start the backoff over.
             if started.elapsed() > MAX_RETRY {
@@ -259,32 +358,41 @@ impl SyncClient {
             .open_bi()
             .await
             .map_err(|err| format!("open stream: {err}"))?;
+        self.peers.seen(&self.peer, None);
+        // Our own logs are complete here: the server never sends them back.
+        let own = self.store.public_key();
         let have = self
             .store
             .logs()
             .await
             .map_err(|err| err.to_string())?
             .into_iter()
-            .filter(|log| self.routes.accepts(&log.author, &log.log))
+            .filter(|log| log.author != own)
             .map(|log| LogHeight {
                 author: log.author,
                 log: log.log,
                 next_seq: log.next_seq,
             })
             .collect();
-        let request = SyncRequest {
-            interests: self.routes.interests(),
+        let routes = &self.acceptance.routes;
+        for frame in SyncRequest::frames(
+            routes.interests(),
             have,
-            datasets_prefix: self.routes.datasets_prefix.clone(),
-        };
-        write_frame(&mut send, &Frame::Request(request)).await?;
+            routes.datasets_prefix.clone(),
+            true,
+        ) {
+            write_frame(&mut send, &frame).await?;
+        }
         self.metrics
             .sync_sessions
             .get_or_create(&ReasonLabels {
                 reason: "subscribed",
             })
             .inc();
-        let result = self.receive(&mut recv).await;
+        let result = tokio::select! {
+            result = self.receive(&mut recv) => result,
+            _ = until_removed(&self.acceptance.members, &self.peer) => Err("no longer a member".into()),
+        };
         self.metrics
             .sync_sessions
             .get_or_create(&ReasonLabels {
@@ -302,6 +410,7 @@ impl SyncClient {
             loop {
                 match read_frame(recv).await {
                     Ok(Some(frame)) => {
+                        self.peers.seen(&self.peer, None);
                         if frames_tx.send(frame).await.is_err() {
                             return Ok(());
                         }
@@ -331,7 +440,9 @@ impl SyncClient {
             match frame {
                 Frame::Operation { header, body } => raw.push((header, body)),
                 Frame::CaughtUp => tracing::debug!(peer = %self.peer, "caught up"),
-                Frame::Request(_) => return Err("peer sent a request on our session".into()),
+                Frame::Request(_) | Frame::Have { .. } => {
+                    return Err("peer sent a request on our session".into());
+                }
             }
         }
         if raw.is_empty() {
@@ -349,10 +460,10 @@ impl SyncClient {
         let mut raw = raw.into_iter();
         for _ in 0..parts {
             let part: Vec<_> = raw.by_ref().take(chunk).collect();
-            let routes = self.routes.clone();
+            let acceptance = self.acceptance.clone();
             verifiers.push(tokio::task::spawn_blocking(move || {
                 part.into_iter()
-                    .map(|(header, body)| check(&routes, &header, body))
+                    .map(|(header, body)| check(&acceptance, &header, body))
                     .collect::<Vec<_>>()
             }));
         }
@@ -410,22 +521,14 @@ impl SyncClient {
 
 /// Verifies one received operation and checks that it is allowed here.
 fn check(
-    routes: &Routes,
+    acceptance: &Acceptance,
     header: &[u8],
     body: Vec<u8>,
 ) -> Result<SignedOperation, (RejectReason, String)> {
     let op = SignedOperation::decode(header, body)
         .map_err(|err| (RejectReason::Invalid, err.to_string()))?;
     let author = op.author();
-    if !routes.accepts_author(&author) {
-        return Err((RejectReason::AuthorNotAllowed, format!("author {author}")));
-    }
-    if !routes.accepts(&author, op.log()) {
-        return Err((
-            RejectReason::SubjectNotAllowed,
-            format!("author {author} log {:?}", op.log()),
-        ));
-    }
+    acceptance.check(&author, op.log())?;
     if let LogId::Dataset(name) = op.log() {
         let manifest = rhio_core::manifest::DatasetManifest::decode(&op.body)
             .map_err(|err| (RejectReason::MalformedBody, err.to_string()))?;
@@ -466,14 +569,55 @@ mod tests {
     use rhio_core::identity::PrivateKey;
     use rhio_core::manifest::{BlobEntry, BlobKind, DatasetManifest};
 
-    fn routes_accepting(author: PublicKey) -> Routes {
+    /// Subscribed to `author`'s datasets; `author` is no member (so only those are accepted).
+    fn routes_accepting(author: PublicKey) -> Acceptance {
         let mut config = crate::config::Config::default();
         config.subscribe.push(crate::config::SubscribeConfig {
             public_key: author,
             subjects: vec!["datasets.>".into()],
             stream: "DATASETS".into(),
         });
-        Routes::from_config(&config)
+        nobody_a_member(Routes::from_config(&config))
+    }
+
+    fn nobody_a_member(routes: Routes) -> Acceptance {
+        let own = PrivateKey::generate().public_key();
+        Acceptance {
+            routes,
+            members: Members::from_config(&Default::default(), own).unwrap(),
+        }
+    }
+
+    #[test]
+    fn members_are_relayed_whatever_the_subscriptions() {
+        let member = PrivateKey::generate();
+        let stranger = PrivateKey::generate();
+        let own = PrivateKey::generate().public_key();
+        let config = crate::config::NetworkConfig {
+            members: vec![member.public_key()],
+            ..Default::default()
+        };
+        let acceptance = Acceptance {
+            routes: Routes::default(),
+            members: Members::from_config(&config, own).unwrap(),
+        };
+        let message = |key: &PrivateKey| {
+            let body = RoutedMessage::new("any.subject", Vec::new(), b"x".to_vec()).encode();
+            SignedOperation::sign(key, LogId::Message("any.subject".into()), 0, None, 1, body)
+        };
+        let op = message(&member);
+        assert!(check(&acceptance, &op.header_bytes, op.body.clone()).is_ok());
+        let op = message(&stranger);
+        assert!(matches!(
+            check(&acceptance, &op.header_bytes, op.body.clone()),
+            Err((RejectReason::AuthorNotAllowed, _))
+        ));
+        // A subscribed author that is no member: only its subscribed subjects.
+        let acceptance = routes_accepting(stranger.public_key());
+        assert!(matches!(
+            check(&acceptance, &op.header_bytes, op.body.clone()),
+            Err((RejectReason::SubjectNotAllowed, _))
+        ));
     }
 
     fn manifest(author: PublicKey, dataset: &str, version: u64) -> Vec<u8> {
@@ -532,7 +676,7 @@ mod tests {
             }
         }
         // A dataset the subscription does not cover is refused before its body is read.
-        let other_routes = Routes::default();
+        let other_routes = nobody_a_member(Routes::default());
         let weather = op("weather", manifest(author, "weather", 0));
         assert!(matches!(
             check(&other_routes, &weather.header_bytes, weather.body.clone()),

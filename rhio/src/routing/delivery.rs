@@ -124,8 +124,16 @@ impl Delivery {
         }
     }
 
+    /// Messages of other authors this node subscribes to. The store also holds what the node
+    /// only relays; that is never published here.
     fn delivers(&self, op: &SignedOperation) -> bool {
-        op.author() != self.own_key && matches!(op.log(), LogId::Message(_))
+        self.delivers_log(&op.author(), op.log())
+    }
+
+    fn delivers_log(&self, author: &PublicKey, log: &LogId) -> bool {
+        *author != self.own_key
+            && matches!(log, LogId::Message(_))
+            && self.routes.accepts(author, log)
     }
 
     /// Checks the streams (a missing one pauses delivery, one that misses a subject is reported
@@ -149,7 +157,7 @@ impl Delivery {
         // Streams by subject, looked up once per resume however many logs share a subject.
         let mut streams: HashMap<String, Option<jetstream::stream::Stream>> = HashMap::new();
         for log in self.store.logs().await? {
-            if log.author == self.own_key || !matches!(log.log, LogId::Message(_)) {
+            if !self.delivers_log(&log.author, &log.log) {
                 continue;
             }
             let key = (log.author, log.log.clone());

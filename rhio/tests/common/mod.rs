@@ -262,6 +262,8 @@ pub struct NodeSpec {
     pub part_size_mib: u64,
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
+    /// Extra lines for the `[network]` section.
+    pub extra_network: String,
     pub extra: String,
     /// Extra environment variables for the process.
     pub env: Vec<(String, String)>,
@@ -284,6 +286,7 @@ impl NodeSpec {
             part_size_mib: 5,
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
+            extra_network: String::new(),
             extra: String::new(),
             env: Vec::new(),
         }
@@ -334,7 +337,7 @@ bind_ip = "127.0.0.1"
 bind_port = {quic_port}
 probe_interval_secs = 1
 max_retry_interval_secs = 2
-"#,
+{extra_network}"#,
             data_dir = self.data_dir.display(),
             http_port = self.http_port,
             nats_url = self.nats_url,
@@ -348,6 +351,7 @@ max_retry_interval_secs = 2
             part_size_mib = self.part_size_mib,
             network_id = self.network_id,
             quic_port = self.quic_port,
+            extra_network = self.extra_network,
         );
         for (key, port) in &self.known_nodes {
             text.push_str(&format!(
@@ -773,4 +777,104 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Payload of numbered test message `i`, `size` bytes.
+pub fn payload(i: usize, size: usize) -> Vec<u8> {
+    let mut bytes = format!("message {i:06} ").into_bytes();
+    bytes.resize(size, b'x');
+    bytes
+}
+
+pub fn numbered(subject: &str, i: usize, size: usize) -> (String, async_nats::HeaderMap, Vec<u8>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Seq", i.to_string().as_str());
+    (subject.to_string(), headers, payload(i, size))
+}
+
+/// Checks that `messages` are exactly `expected` per subject, in order, each with valid
+/// provenance by `author`, and no duplicates.
+pub fn assert_routed(
+    messages: &[async_nats::jetstream::message::StreamMessage],
+    author: &str,
+    expected: &[(String, usize)],
+) {
+    if messages.len() != expected.len() {
+        let ids: std::collections::HashSet<String> = messages
+            .iter()
+            .map(|m| {
+                m.headers
+                    .get(rhio_core::message::HEADER_MSG_ID)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let seqs: std::collections::HashSet<String> = messages
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    m.subject,
+                    m.headers
+                        .get("Seq")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        panic!(
+            "expected {} messages, got {} ({} distinct operations, {} distinct subject/Seq)",
+            expected.len(),
+            messages.len(),
+            ids.len(),
+            seqs.len()
+        );
+    }
+    // Order is guaranteed per (author, subject), not across subjects: compare per subject.
+    let mut ids = std::collections::HashSet::new();
+    let mut received: std::collections::BTreeMap<
+        String,
+        Vec<&async_nats::jetstream::message::StreamMessage>,
+    > = Default::default();
+    for message in messages {
+        received
+            .entry(message.subject.to_string())
+            .or_default()
+            .push(message);
+    }
+    let mut wanted: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (subject, i) in expected {
+        wanted.entry(subject.clone()).or_default().push(*i);
+    }
+    assert_eq!(
+        received.keys().collect::<Vec<_>>(),
+        wanted.keys().collect::<Vec<_>>(),
+        "subjects"
+    );
+    for (subject, numbers) in &wanted {
+        let got = &received[subject];
+        assert_eq!(got.len(), numbers.len(), "messages on {subject}");
+        for (seq, (message, i)) in got.iter().zip(numbers).enumerate() {
+            assert_eq!(
+                message.headers.get("Seq").unwrap().as_str(),
+                i.to_string(),
+                "order on {subject}"
+            );
+            assert_eq!(
+                message.payload.as_ref(),
+                payload(*i, message.payload.len()).as_slice()
+            );
+            let headers = header_pairs(&message.headers);
+            let proof = rhio_core::message::verify_provenance(subject, &headers, &message.payload)
+                .unwrap_or_else(|err| panic!("message {i} on {subject}: {err}"));
+            assert_eq!(proof.author.to_hex(), author);
+            assert_eq!(proof.seq, seq as u64, "author's log order on {subject}");
+            let id = message
+                .headers
+                .get(rhio_core::message::HEADER_MSG_ID)
+                .unwrap()
+                .to_string();
+            assert!(ids.insert(id), "duplicate operation");
+        }
+    }
 }

@@ -1,0 +1,189 @@
+//! Federation: a network defined by a members list, where every member relays, members learn
+//! each other through the overlay and discovery, and only members get anything. Each cluster has
+//! its own NATS (JetStream), S3 and rhio node; nodes talk over loopback QUIC.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    LocalEnv, NodeSpec, RhioNode, assert_routed, js_publish, make_parquet, metric, metric_present,
+    numbered, publish_toml, runtime, s3_object, stream_messages, subscribe_toml, wait_for,
+};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn write_members(path: &Path, keys: &[&String]) {
+    let text: String = keys.iter().map(|key| format!("{key}\n")).collect();
+    std::fs::write(path, format!("# the test network\n{text}")).unwrap();
+}
+
+fn stream_count(nats_url: &str, stream: &str) -> u64 {
+    runtime().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+        let mut stream = js.get_stream(stream).await.expect("stream exists");
+        stream.info().await.unwrap().state.messages
+    })
+}
+
+fn received(node: &RhioNode) -> f64 {
+    metric(node, "rhio_operations_received_total")
+}
+
+/// Four clusters in a line 1 - 2 - 3 - 4, each configured with one bootstrap node; 2 and 3
+/// subscribe to nothing; 4 subscribes to 1's messages and datasets; a fifth node is no member.
+#[test]
+fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
+    let env = LocalEnv::up(5);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("import");
+    std::fs::create_dir_all(&root).unwrap();
+    let members_file = dir.path().join("members.txt");
+    let mut specs: Vec<NodeSpec> = (0..5)
+        .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
+        .collect();
+    let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
+    write_members(&members_file, &keys[..4].iter().collect::<Vec<_>>());
+    let members_toml = format!(
+        "members_file = \"{}\"\n",
+        members_file.display().to_string().replace('\\', "\\\\")
+    );
+    // Bootstrap: 1 -> 2, 2 -> 3, 3 -> 4, 4 -> 3; the stranger knows 2.
+    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 2), (4, 1)] {
+        let port = specs[to].quic_port;
+        specs[from].known_nodes.push((keys[to].clone(), port));
+    }
+    for spec in &mut specs {
+        spec.extra_network = members_toml.clone();
+    }
+    specs[0].import_roots = vec![root.clone()];
+    specs[0].extra = publish_toml(&["fed.>"], "OUT");
+    let subscriber = subscribe_toml(&keys[0], &["fed.>"], "IN")
+        + &subscribe_toml(&keys[0], &["datasets.>"], "DATASETS");
+    specs[3].extra = subscriber.clone();
+    specs[4].extra = subscriber;
+    let mut nodes: Vec<RhioNode> = specs.iter().cloned().map(RhioNode::start).collect();
+    for node in &nodes {
+        node.wait_healthy();
+    }
+
+    // Messages of cluster 1 reach cluster 4 through two nodes that subscribe to nothing.
+    let rt = runtime();
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        (0..100).map(|i| numbered("fed.a", i, 256)),
+    ));
+    let at_4 = rt.block_on(stream_messages(&env.clusters[3].nats_url, "IN", 100, WAIT));
+    let expected: Vec<_> = (0..100).map(|i| ("fed.a".to_string(), i)).collect();
+    assert_routed(&at_4, &keys[0], &expected);
+    for relay in [&nodes[1], &nodes[2]] {
+        assert!(received(relay) >= 100.0, "a relay stored what it passed on");
+        let (_, health) = relay.health().unwrap();
+        assert_eq!(health["streams"].as_array().unwrap().len(), 0, "{health}");
+    }
+
+    // A dataset imported in cluster 1 replicates into cluster 4, which has no configured link
+    // to cluster 1: the relays hold no blobs, so the bytes came from cluster 1 directly.
+    let file = root.join("weather.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "20", "2000"]);
+    rt.block_on(common::rhio_import_ok(
+        &env.clusters[0].nats_url,
+        &file,
+        "weather",
+    ));
+    let announced = rt.block_on(stream_messages(
+        &env.clusters[3].nats_url,
+        "DATASETS",
+        1,
+        WAIT,
+    ));
+    let summary: serde_json::Value = serde_json::from_slice(&announced[0].payload).unwrap();
+    let location = summary["location"].as_str().unwrap();
+    let (_bucket, key) = location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap_or_else(|| panic!("location {location}"));
+    let copy = rt.block_on(s3_object(&env.clusters[3], key));
+    assert_eq!(copy, std::fs::read(&file).unwrap(), "byte-identical copy");
+    let file_len = copy.len() as f64;
+    assert!(metric(&nodes[0], "rhio_blob_bytes_served_total") >= file_len);
+    for relay in [&nodes[1], &nodes[2]] {
+        assert_eq!(
+            metric_present(relay, "rhio_blob_bytes_served_total"),
+            Some(0.0)
+        );
+    }
+
+    // The node that is no member got nothing and was refused.
+    wait_for("the stranger to be refused", WAIT, || {
+        let refusals: f64 = nodes[1..4]
+            .iter()
+            .filter_map(|node| {
+                metric_present(
+                    node,
+                    "rhio_sync_sessions_refused_total{reason=\"not_a_member\"}",
+                )
+            })
+            .sum();
+        (refusals > 0.0).then_some(())
+    });
+    assert_eq!(
+        metric_present(&nodes[4], "rhio_operations_received_total"),
+        Some(0.0)
+    );
+    assert_eq!(stream_count(&env.clusters[4].nats_url, "IN"), 0);
+    // The failure detector sees the members alive.
+    let (_, health) = nodes[1].health().unwrap();
+    let peers = health["peers"]["nodes"].as_array().unwrap();
+    assert!(
+        peers
+            .iter()
+            .any(|p| p["public_key"] == keys[0].as_str() && p["state"] == "alive"),
+        "{health}"
+    );
+    assert_eq!(health["network"]["members"], 3, "{health}");
+
+    // Both relays stop: the overlay carries cluster 1's messages to cluster 4 directly.
+    nodes[1].kill();
+    nodes[2].kill();
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        (100..130).map(|i| numbered("fed.a", i, 256)),
+    ));
+    let at_4 = rt.block_on(stream_messages(&env.clusters[3].nats_url, "IN", 130, WAIT));
+    let expected: Vec<_> = (0..130).map(|i| ("fed.a".to_string(), i)).collect();
+    assert_routed(&at_4, &keys[0], &expected);
+    // They come back and catch up what they missed.
+    for i in [1, 2] {
+        nodes[i] = RhioNode::start(specs[i].clone());
+    }
+    for i in [1, 2] {
+        nodes[i].wait_http();
+        wait_for("a restarted relay to catch up", WAIT, || {
+            (metric_present(&nodes[i], "rhio_operations_received_total")? >= 30.0).then_some(())
+        });
+    }
+
+    // Cluster 4 leaves the members list: every node drops it; new messages stop reaching it.
+    write_members(&members_file, &keys[..3].iter().collect::<Vec<_>>());
+    for node in &nodes[..3] {
+        wait_for("members file read again", WAIT, || {
+            node.log().contains("member removed").then_some(())
+        });
+    }
+    let before = received(&nodes[2]);
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        (130..150).map(|i| numbered("fed.a", i, 256)),
+    ));
+    wait_for("cluster 3 to relay the new messages", WAIT, || {
+        (received(&nodes[2]) >= before + 20.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        stream_count(&env.clusters[3].nats_url, "IN"),
+        130,
+        "a removed member still received messages"
+    );
+}
