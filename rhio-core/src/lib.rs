@@ -5,7 +5,8 @@
 //! bodies with their provenance headers, subject filters, the sync protocol's frames, the
 //! row-group partition of Parquet files, the S3 layout, dataset manifests (and their signed
 //! form), the OCI artifact of a version, blob range requests and the replication plan (which
-//! bytes to fetch, and the whole-file hash from parts). Nothing here touches a socket, a file or
+//! bytes to fetch, and the whole-file hash from parts), and the broadcast state machine of the
+//! federation with its deterministic simulator. Nothing here touches a socket, a file or
 //! a clock it was not handed, so all of it is unit-tested without servers.
 //!
 //! ```
@@ -18,6 +19,7 @@
 //! ```
 
 pub mod blobs;
+pub mod broadcast;
 pub mod identity;
 pub mod layout;
 pub mod manifest;
@@ -27,5 +29,6 @@ pub mod oci;
 pub mod operation;
 pub mod parquet;
 pub mod replication;
+pub mod simulator;
 pub mod subject;
 pub mod sync;

@@ -31,7 +31,8 @@ use serde_json::{Value, json};
 
 struct Settings {
     quick: bool,
-    /// `--only <scenario>` (import, replication, messages, client, mirror): run just that one (and the
+    /// `--only <scenario>` (import, replication, messages, client, mirror, federation): run just
+    /// that one (and the
     /// limits).
     only: Option<String>,
     runs: usize,
@@ -102,6 +103,7 @@ fn goal(scenario: &str, measure: &str) -> &'static str {
             "<= 20 ms"
         }
         ("mirror", _) => ">= 1.0x",
+        ("federation", m) if m.contains("body transmissions per operation and node") => "<= 2",
         ("client", m) if m.starts_with("fetch") => ">= 0.9x",
         ("memory", _) => "<= 256 MiB",
         _ => "",
@@ -1220,15 +1222,31 @@ async fn burst(clusters: &Clusters, path: Path, count: usize, round: usize) -> f
 /// Publishes at `rate` msg/s for `secs` and measures publish-to-delivery latency in B (core
 /// subscription on B's NATS, which sees what JetStream stores). Returns sorted latencies in ms.
 async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: usize) -> Vec<f64> {
-    let a = jetstream::new(
-        async_nats::connect(&clusters.env.clusters[0].nats_url)
-            .await
-            .unwrap(),
-    );
-    let b = async_nats::connect(&clusters.env.clusters[1].nats_url)
-        .await
-        .unwrap();
     let subject = format!("{}.latency{round}", subject_prefix(path));
+    timed_messages(
+        &clusters.env.clusters[0].nats_url,
+        &clusters.env.clusters[1].nats_url,
+        &subject,
+        rate,
+        secs,
+        &format!("latency {path:?} round {round}"),
+    )
+    .await
+}
+
+/// Publishes `rate` messages per second for `secs` into JetStream at `from` and returns, sorted,
+/// the milliseconds each took to reach a core NATS subscriber at `to` (a loss is a failure).
+async fn timed_messages(
+    from: &str,
+    to: &str,
+    subject: &str,
+    rate: u64,
+    secs: u64,
+    what: &str,
+) -> Vec<f64> {
+    let a = jetstream::new(async_nats::connect(from).await.unwrap());
+    let b = async_nats::connect(to).await.unwrap();
+    let subject = subject.to_string();
     let mut subscriber = b.subscribe(subject.clone()).await.unwrap();
     b.flush().await.unwrap();
     let total = rate * secs;
@@ -1278,7 +1296,7 @@ async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: u
     if (latencies.len() as u64) < total {
         // Percentiles over what arrived would hide the loss.
         fail(format!(
-            "latency {path:?} round {round}: only {} of {total} messages arrived",
+            "{what}: only {} of {total} messages arrived",
             latencies.len()
         ));
     }
@@ -1831,6 +1849,10 @@ fn main() {
         ));
         results.insert("rss_mirror_node_mib".into(), json!(rss));
     }
+    if settings.wants("federation") {
+        runtime.block_on(federation_clusters(&settings, &mut rows, &mut results));
+        federation_simulated(&settings, &mut rows, &mut results);
+    }
     println!();
     let table = markdown_table(&rows);
     print!("{table}");
@@ -1904,5 +1926,165 @@ fn main() {
             eprintln!("  - {failure}");
         }
         std::process::exit(1);
+    }
+}
+
+/// The federation's broadcast in the deterministic simulator (`rhio_core::simulator`): PlumTree
+/// (`tree`) against flooding every neighbour (`flood`, what sync sessions do today), on random
+/// graphs with 3-6 neighbours per node, 1-3 ticks per link.
+fn federation_simulated(
+    settings: &Settings,
+    rows: &mut Vec<(String, String, String, String, String)>,
+    results: &mut serde_json::Map<String, Value>,
+) {
+    use rhio_core::broadcast::Mode;
+    use rhio_core::simulator::{Config, broadcast_run};
+    let sizes: &[usize] = if settings.quick {
+        &[10, 100]
+    } else {
+        &[10, 100, 1000]
+    };
+    let operations = if settings.quick { 20 } else { 60 };
+    for &n in sizes {
+        let started = Instant::now();
+        let tree = broadcast_run(Config::new(n, Mode::Tree), operations, 3);
+        let flood = broadcast_run(Config::new(n, Mode::Flood), operations, 3);
+        for (mode, report) in [("tree", &tree), ("flood", &flood)] {
+            if report.undelivered > 0 || !report.violations.is_empty() {
+                fail(format!(
+                    "simulated {n} nodes ({mode}): {} deliveries missing, violations {:?}",
+                    report.undelivered, report.violations
+                ));
+            }
+        }
+        eprintln!(
+            "bench: federation: {n} nodes simulated in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let nodes = n as f64;
+        rows.push((
+            "federation".into(),
+            format!(
+                "simulated {n} nodes ({} links): body transmissions per operation and node, tree (vs flood)",
+                tree.links
+            ),
+            format!("{:.2}", tree.steady_bodies_per_op / nodes),
+            format!("{:.2}", flood.steady_bodies_per_op / nodes),
+            format!("{:.2}x", flood.steady_bodies_per_op / tree.steady_bodies_per_op),
+        ));
+        rows.push((
+            "federation".into(),
+            format!(
+                "simulated {n} nodes: hops to full delivery, tree (vs flood; log2 N = {:.1})",
+                nodes.log2()
+            ),
+            format!("{} (mean {:.1})", tree.max_hops, tree.mean_hops),
+            format!("{} (mean {:.1})", flood.max_hops, flood.mean_hops),
+            "-".into(),
+        ));
+        rows.push((
+            "federation".into(),
+            format!("simulated {n} nodes: bytes sent per operation (256 B body), tree (vs flood)"),
+            format!("{:.0} KiB", tree.bytes_per_op / 1024.0),
+            format!("{:.0} KiB", flood.bytes_per_op / 1024.0),
+            format!("{:.2}x", flood.bytes_per_op / tree.bytes_per_op),
+        ));
+        results.insert(
+            format!("federation_sim_{n}"),
+            json!({
+                "tree": {"bodies_per_op": tree.steady_bodies_per_op, "max_hops": tree.max_hops,
+                         "mean_hops": tree.mean_hops, "bytes_per_op": tree.bytes_per_op,
+                         "digests_per_op": tree.digests_per_op},
+                "flood": {"bodies_per_op": flood.steady_bodies_per_op, "max_hops": flood.max_hops,
+                          "mean_hops": flood.mean_hops, "bytes_per_op": flood.bytes_per_op},
+            }),
+        );
+    }
+}
+
+/// Real clusters (each its own NATS, S3 and node) in a line (each node knows the next) and in a
+/// full mesh (each knows all): time from publishing in the first cluster to delivery in the
+/// last, and body transmissions per message over the whole network
+/// (`rhio_sync_operations_sent_total` summed over the nodes).
+async fn federation_clusters(
+    settings: &Settings,
+    rows: &mut Vec<(String, String, String, String, String)>,
+    results: &mut serde_json::Map<String, Value>,
+) {
+    let sizes: &[usize] = if settings.quick { &[4] } else { &[4, 8] };
+    let (rate, secs) = (200, if settings.quick { 3 } else { 10 });
+    for &n in sizes {
+        for topology in ["line", "mesh"] {
+            let env = LocalEnv::up(n);
+            let dir = tempfile::tempdir().unwrap();
+            let mut specs: Vec<NodeSpec> = (0..n)
+                .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
+                .collect();
+            let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
+            let links: Vec<(usize, usize)> = match topology {
+                "line" => (0..n - 1)
+                    .map(|i| (i, i + 1))
+                    .chain([(n - 1, n - 2)])
+                    .collect(),
+                _ => (0..n)
+                    .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
+                    .collect(),
+            };
+            for (from, to) in links {
+                let port = specs[to].quic_port;
+                specs[from].known_nodes.push((keys[to].clone(), port));
+            }
+            for spec in &mut specs {
+                spec.extra_network = format!("members = {keys:?}\n");
+            }
+            specs[0].extra = publish_toml(&["bench.fed.>"], "FED_OUT");
+            specs[n - 1].extra = subscribe_toml(&keys[0], &["bench.fed.>"], "FED_IN");
+            let nodes: Vec<RhioNode> = specs.into_iter().map(RhioNode::start).collect();
+            for node in &nodes {
+                node.wait_healthy();
+            }
+            let (first, last) = (&env.clusters[0].nats_url, &env.clusters[n - 1].nats_url);
+            // Warm up: sessions open along the whole path.
+            timed_messages(first, last, "bench.fed.warmup", 10, 1, "federation warm-up").await;
+            let sent = |nodes: &[RhioNode]| -> f64 {
+                nodes
+                    .iter()
+                    .map(|node| common::metric(node, "rhio_sync_operations_sent_total"))
+                    .sum()
+            };
+            let before = sent(&nodes);
+            let latencies = timed_messages(
+                first,
+                last,
+                "bench.fed.timed",
+                rate,
+                secs,
+                &format!("federation {n} clusters {topology}"),
+            )
+            .await;
+            // Every node has passed everything on once the farthest got the last message.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let per_message = (sent(&nodes) - before) / (rate * secs) as f64;
+            let (p50, p99) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0));
+            rows.push((
+                "federation".into(),
+                format!("{n} clusters, {topology}: publish in the first -> delivery in the last, p50 / p99 at {rate} msg/s"),
+                format!("{p50:.1} / {p99:.1} ms"),
+                "-".into(),
+                "-".into(),
+            ));
+            rows.push((
+                "federation".into(),
+                format!("{n} clusters, {topology}: body transmissions per message (network-wide)"),
+                format!("{per_message:.1}"),
+                "-".into(),
+                "-".into(),
+            ));
+            results.insert(
+                format!("federation_{n}_{topology}"),
+                json!({"p50_ms": p50, "p99_ms": p99, "transmissions_per_message": per_message}),
+            );
+            drop(nodes);
+        }
     }
 }

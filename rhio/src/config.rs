@@ -368,6 +368,11 @@ pub struct NetworkConfig {
     /// Seconds without any answer after which a peer counts as suspect; failed after three times
     /// as long.
     pub suspect_after_secs: u64,
+    /// Relay retention: operations of logs this node only relays (neither its own nor
+    /// subscribed) older than this are deleted (0: kept forever). The newest of each log stays.
+    pub relay_max_age_secs: u64,
+    /// Relay retention: bytes kept per relayed log, the oldest deleted first (0: no limit).
+    pub relay_max_bytes_per_log: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -441,6 +446,8 @@ impl Default for NetworkConfig {
             probe_interval_secs: 5,
             max_retry_interval_secs: 30,
             suspect_after_secs: 15,
+            relay_max_age_secs: 0,
+            relay_max_bytes_per_log: 0,
         }
     }
 }

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub status_requests: Counter,
     pub operations_signed: Counter,
     pub operations_received: Counter,
+    pub operations_sent: Counter,
+    pub operation_bytes_sent: Counter,
+    pub operations_duplicate: Counter,
+    pub relay_operations_pruned: Counter,
     pub operations_delivered: Counter,
     pub operations_rejected: Family<ReasonLabels, Counter>,
     pub routing_errors: Counter,
@@ -133,6 +137,10 @@ impl Metrics {
             status_requests: Counter::default(),
             operations_signed: Counter::default(),
             operations_received: Counter::default(),
+            operations_sent: Counter::default(),
+            operation_bytes_sent: Counter::default(),
+            operations_duplicate: Counter::default(),
+            relay_operations_pruned: Counter::default(),
             operations_delivered: Counter::default(),
             operations_rejected: Family::default(),
             routing_errors: Counter::default(),
@@ -217,6 +225,26 @@ impl Metrics {
             "operations_received",
             "Operations of other authors verified and stored",
             metrics.operations_received.clone(),
+        );
+        registry.register(
+            "sync_operations_sent",
+            "Operations sent to peers in sync sessions (each copy counts: the transmissions)",
+            metrics.operations_sent.clone(),
+        );
+        registry.register(
+            "sync_operation_bytes_sent",
+            "Bytes of operations (header and body) sent to peers in sync sessions",
+            metrics.operation_bytes_sent.clone(),
+        );
+        registry.register(
+            "sync_operations_duplicate",
+            "Operations received that were stored already (a copy another peer delivered first)",
+            metrics.operations_duplicate.clone(),
+        );
+        registry.register(
+            "relay_operations_pruned",
+            "Relayed operations deleted by relay retention",
+            metrics.relay_operations_pruned.clone(),
         );
         registry.register(
             "operations_delivered",

@@ -268,6 +268,13 @@ impl Node {
                 shutdown.clone(),
             )
             .await?;
+        tasks.spawn(crate::network::retention::run(
+            store.clone(),
+            routes.clone(),
+            config.network.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         for route in &routes.publish {
             let publisher = Publisher {
                 js: js.clone(),

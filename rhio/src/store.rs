@@ -360,7 +360,6 @@ impl Store {
             .collect()
     }
 
-    /// Up to `limit` operations of a log, from sequence number `from` on.
     /// Operation `seq` of a log, if this node has it.
     pub async fn operation(
         &self,
@@ -372,6 +371,59 @@ impl Store {
         Ok(ops.into_iter().next().filter(|op| op.seq() == seq))
     }
 
+    /// Deletes the oldest operations of a log beyond `max_bytes` (headers and bodies) or older
+    /// than `max_age_micros` by their authors' timestamps; the newest operation always stays, and
+    /// the log's head (next sequence number, last hash) is kept whatever is deleted, so the log
+    /// goes on. Returns how many were deleted.
+    pub async fn prune(
+        &self,
+        author: &PublicKey,
+        log: &LogId,
+        max_bytes: Option<u64>,
+        max_age_micros: Option<u64>,
+        now_micros: u64,
+    ) -> Result<u64, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, length(header) + length(body), header FROM operations WHERE author = ? AND log = ? ORDER BY seq DESC",
+        )
+        .bind(author.as_bytes().as_slice())
+        .bind(log.to_key())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = 0u64;
+        let mut keep_from = None;
+        for (i, row) in rows.iter().enumerate() {
+            let seq = row.get::<i64, _>(0) as u64;
+            total += row.get::<i64, _>(1) as u64;
+            if i == 0 {
+                continue;
+            }
+            let too_big = max_bytes.is_some_and(|max| total > max);
+            let too_old = max_age_micros.is_some_and(|age| {
+                SignedOperation::decode_trusted(row.get::<Vec<u8>, _>(2), Vec::new())
+                    .is_ok_and(|op| op.timestamp_micros().saturating_add(age) < now_micros)
+            });
+            if too_big || too_old {
+                keep_from = Some(seq + 1);
+                break;
+            }
+        }
+        let Some(keep_from) = keep_from else {
+            return Ok(0);
+        };
+        let deleted =
+            sqlx::query("DELETE FROM operations WHERE author = ? AND log = ? AND seq < ?")
+                .bind(author.as_bytes().as_slice())
+                .bind(log.to_key())
+                .bind(keep_from as i64)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(deleted)
+    }
+
+    /// Up to `limit` operations of a log, from sequence number `from` on (the first may be later
+    /// than `from` when older ones were pruned).
     pub async fn operations(
         &self,
         author: &PublicKey,
@@ -803,6 +855,44 @@ mod tests {
             .unwrap();
         assert_eq!(read.len(), 2);
         assert_eq!(read[0].hash, ops[1].hash);
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_operations_and_the_log_going_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.sqlite"), PrivateKey::generate())
+            .await
+            .unwrap();
+        let author = PrivateKey::generate();
+        let ops = remote_chain(&author, "x.y", 12);
+        store.insert_remote(ops[..10].to_vec()).await.unwrap();
+        let (key, log) = (author.public_key(), LogId::Message("x.y".into()));
+        let size = |op: &SignedOperation| (op.header_bytes.len() + op.body.len()) as u64;
+        let three: u64 = ops[7..10].iter().map(size).sum();
+        let deleted = store.prune(&key, &log, Some(three), None, 0).await.unwrap();
+        assert_eq!(deleted, 7);
+        let kept: Vec<u64> = store
+            .operations(&key, &log, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(SignedOperation::seq)
+            .collect();
+        assert_eq!(kept, vec![7, 8, 9]);
+        // The head stays: the next operation continues the chain.
+        let outcomes = store.insert_remote(vec![ops[10].clone()]).await.unwrap();
+        assert_eq!(outcomes, vec![InsertOutcome::Stored]);
+        // By age (timestamps are the sequence numbers here): older than 3 us at "now" 12.
+        let deleted = store.prune(&key, &log, None, Some(3), 12).await.unwrap();
+        assert_eq!(deleted, 2, "7 and 8 are older than 12 - 3");
+        // The newest always stays, however small the limit.
+        store.prune(&key, &log, Some(1), None, 0).await.unwrap();
+        let kept = store.operations(&key, &log, 0, 100).await.unwrap();
+        assert_eq!(
+            kept.iter().map(SignedOperation::seq).collect::<Vec<_>>(),
+            vec![10]
+        );
+        assert_eq!(store.logs().await.unwrap()[0].next_seq, 11);
     }
 
     #[tokio::test]

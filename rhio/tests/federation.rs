@@ -35,12 +35,12 @@ fn received(node: &RhioNode) -> f64 {
 /// subscribe to nothing; 4 subscribes to 1's messages and datasets; a fifth node is no member.
 #[test]
 fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
-    let env = LocalEnv::up(5);
+    let env = LocalEnv::up(6);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("import");
     std::fs::create_dir_all(&root).unwrap();
     let members_file = dir.path().join("members.txt");
-    let mut specs: Vec<NodeSpec> = (0..5)
+    let mut specs: Vec<NodeSpec> = (0..6)
         .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
         .collect();
     let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
@@ -49,8 +49,8 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
         "members_file = \"{}\"\n",
         members_file.display().to_string().replace('\\', "\\\\")
     );
-    // Bootstrap: 1 -> 2, 2 -> 3, 3 -> 4, 4 -> 3; the stranger knows 2.
-    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 2), (4, 1)] {
+    // Bootstrap: 1 -> 2, 2 -> 3, 3 -> 4, 4 -> 3; the stranger knows 2; the late joiner knows 3.
+    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 2), (4, 1), (5, 2)] {
         let port = specs[to].quic_port;
         specs[from].known_nodes.push((keys[to].clone(), port));
     }
@@ -62,8 +62,9 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
     let subscriber = subscribe_toml(&keys[0], &["fed.>"], "IN")
         + &subscribe_toml(&keys[0], &["datasets.>"], "DATASETS");
     specs[3].extra = subscriber.clone();
-    specs[4].extra = subscriber;
-    let mut nodes: Vec<RhioNode> = specs.iter().cloned().map(RhioNode::start).collect();
+    specs[4].extra = subscriber.clone();
+    specs[5].extra = subscriber;
+    let mut nodes: Vec<RhioNode> = specs[..5].iter().cloned().map(RhioNode::start).collect();
     for node in &nodes {
         node.wait_healthy();
     }
@@ -186,4 +187,142 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
         130,
         "a removed member still received messages"
     );
+
+    // A new member joins late: its key is added to the file and it knows only cluster 3. It
+    // receives the whole history (150 messages, the dataset) from whoever has it.
+    write_members(&members_file, &[&keys[0], &keys[1], &keys[2], &keys[5]]);
+    let late = RhioNode::start(specs[5].clone());
+    late.wait_healthy();
+    let at_late = rt.block_on(stream_messages(&env.clusters[5].nats_url, "IN", 150, WAIT));
+    let expected: Vec<_> = (0..150).map(|i| ("fed.a".to_string(), i)).collect();
+    assert_routed(&at_late, &keys[0], &expected);
+    rt.block_on(stream_messages(
+        &env.clusters[5].nats_url,
+        "DATASETS",
+        1,
+        WAIT,
+    ));
+    let copy = rt.block_on(s3_object(&env.clusters[5], key));
+    assert_eq!(
+        copy,
+        std::fs::read(&file).unwrap(),
+        "byte-identical late copy"
+    );
+}
+
+/// Eight clusters: a line 1 - 2 - ... - 8 with one chord (2 - 6), each configured with one or two
+/// bootstrap nodes and the members listed inline; only 4 and 8 subscribe. Then two relays stop
+/// and come back, and a ninth cluster joins late. Runs in `./dev/test-federation` (about a
+/// minute of nine clusters on two cores).
+#[test]
+#[ignore = "nine clusters; run by ./dev/test-federation"]
+fn eight_clusters_in_a_line_with_a_chord_deliver_exactly_once_and_a_late_ninth_catches_up() {
+    let env = LocalEnv::up(9);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("import");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut specs: Vec<NodeSpec> = (0..9)
+        .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
+        .collect();
+    let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
+    let members_toml = format!("members = {keys:?}\n");
+    let mut links: Vec<(usize, usize)> = (0..7).map(|i| (i, i + 1)).collect();
+    links.push((7, 6));
+    links.push((1, 5));
+    links.push((8, 4));
+    for (from, to) in links {
+        let port = specs[to].quic_port;
+        specs[from].known_nodes.push((keys[to].clone(), port));
+    }
+    for spec in &mut specs {
+        spec.extra_network = members_toml.clone();
+    }
+    specs[0].import_roots = vec![root.clone()];
+    specs[0].extra = publish_toml(&["fed.>"], "OUT");
+    let messages = subscribe_toml(&keys[0], &["fed.>"], "IN");
+    let datasets = subscribe_toml(&keys[0], &["datasets.>"], "DATASETS");
+    specs[3].extra = messages.clone();
+    specs[7].extra = messages.clone() + &datasets;
+    specs[8].extra = messages + &datasets;
+    let mut nodes: Vec<RhioNode> = specs[..8].iter().cloned().map(RhioNode::start).collect();
+    for node in &nodes {
+        node.wait_healthy();
+    }
+    let subscribers = [3, 7];
+
+    let rt = runtime();
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        (0..200).map(|i| numbered("fed.a", i, 256)),
+    ));
+    let expected: Vec<_> = (0..200).map(|i| ("fed.a".to_string(), i)).collect();
+    for i in subscribers {
+        let got = rt.block_on(stream_messages(&env.clusters[i].nats_url, "IN", 200, WAIT));
+        assert_routed(&got, &keys[0], &expected);
+    }
+    let sent: f64 = nodes
+        .iter()
+        .map(|node| metric(node, "rhio_sync_operations_sent_total"))
+        .sum();
+    println!(
+        "8 clusters: {:.1} transmissions per message (sum of rhio_sync_operations_sent_total / 200)",
+        sent / 200.0
+    );
+
+    let file = root.join("weather.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "20", "2000"]);
+    rt.block_on(common::rhio_import_ok(
+        &env.clusters[0].nats_url,
+        &file,
+        "weather",
+    ));
+    let original = std::fs::read(&file).unwrap();
+    let announced = rt.block_on(stream_messages(
+        &env.clusters[7].nats_url,
+        "DATASETS",
+        1,
+        WAIT,
+    ));
+    let summary: serde_json::Value = serde_json::from_slice(&announced[0].payload).unwrap();
+    let location = summary["location"].as_str().unwrap().to_string();
+    let (_bucket, key) = location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap_or_else(|| panic!("location {location}"));
+    assert_eq!(rt.block_on(s3_object(&env.clusters[7], key)), original);
+
+    // Two relays stop: delivery goes on through the repaired overlay; back, they catch up.
+    nodes[2].kill();
+    nodes[5].kill();
+    rt.block_on(js_publish(
+        &env.clusters[0].nats_url,
+        (200..250).map(|i| numbered("fed.a", i, 256)),
+    ));
+    let expected: Vec<_> = (0..250).map(|i| ("fed.a".to_string(), i)).collect();
+    for i in subscribers {
+        let got = rt.block_on(stream_messages(&env.clusters[i].nats_url, "IN", 250, WAIT));
+        assert_routed(&got, &keys[0], &expected);
+    }
+    for i in [2, 5] {
+        nodes[i] = RhioNode::start(specs[i].clone());
+        nodes[i].wait_http();
+    }
+    for i in [2, 5] {
+        wait_for("a restarted relay to catch up", WAIT, || {
+            (metric_present(&nodes[i], "rhio_operations_received_total")? >= 50.0).then_some(())
+        });
+    }
+
+    // A ninth cluster joins late, bootstrapped from cluster 5 only: it gets the history.
+    let late = RhioNode::start(specs[8].clone());
+    late.wait_healthy();
+    let got = rt.block_on(stream_messages(&env.clusters[8].nats_url, "IN", 250, WAIT));
+    assert_routed(&got, &keys[0], &expected);
+    rt.block_on(stream_messages(
+        &env.clusters[8].nats_url,
+        "DATASETS",
+        1,
+        WAIT,
+    ));
+    assert_eq!(rt.block_on(s3_object(&env.clusters[8], key)), original);
 }

@@ -20,6 +20,7 @@
 mod hello;
 pub mod members;
 mod overlay;
+pub mod retention;
 pub mod sync;
 
 use std::collections::BTreeMap;

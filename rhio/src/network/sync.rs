@@ -166,6 +166,7 @@ impl ProtocolHandler for SyncServer {
             remote,
             request: &request,
             heights: &heights,
+            metrics: &self.metrics,
         };
         let result = tokio::select! {
             result = session.serve(&self.store, &mut send) => result,
@@ -192,6 +193,7 @@ struct Session<'a> {
     remote: PublicKey,
     request: &'a SyncRequest,
     heights: &'a Heights,
+    metrics: &'a Metrics,
 }
 
 impl Session<'_> {
@@ -225,10 +227,10 @@ impl Session<'_> {
                 .entry(key.clone())
                 .or_insert_with(|| self.heights.start_of(&author, op.log()));
             if op.seq() == next {
-                write_frame(send, &Frame::operation(&op)).await?;
+                self.send_operation(send, &op).await?;
                 sent.insert(key, next + 1);
             } else if op.seq() > next {
-                let next = send_log(store, &key, next, op.seq() + 1, send).await?;
+                let next = self.send_log(store, &key, next, op.seq() + 1, send).await?;
                 sent.insert(key, next);
             }
         }
@@ -251,34 +253,48 @@ impl Session<'_> {
                 .get(&key)
                 .copied()
                 .unwrap_or_else(|| self.heights.start_of(&log.author, &log.log));
-            let next = send_log(store, &key, from, log.next_seq, send).await?;
+            let next = self.send_log(store, &key, from, log.next_seq, send).await?;
             sent.insert(key, next);
         }
         Ok(())
     }
-}
 
-/// Sends the stored operations of one log from `from` up to (excluding) `until`; returns the
-/// next sequence number to send.
-async fn send_log(
-    store: &Store,
-    key: &LogKey,
-    mut from: u64,
-    until: u64,
-    send: &mut SendStream,
-) -> Result<u64, String> {
-    while from < until {
-        let ops = store
-            .operations(&key.0, &key.1, from, CATCH_UP_CHUNK.min(until - from))
-            .await
-            .map_err(|err| err.to_string())?;
-        let Some(last) = ops.last() else { break };
-        from = last.seq() + 1;
-        for op in &ops {
-            write_frame(send, &Frame::operation(op)).await?;
+    /// Sends the stored operations of one log from `from` up to (excluding) `until`; returns
+    /// the next sequence number to send.
+    async fn send_log(
+        &self,
+        store: &Store,
+        key: &LogKey,
+        mut from: u64,
+        until: u64,
+        send: &mut SendStream,
+    ) -> Result<u64, String> {
+        while from < until {
+            let ops = store
+                .operations(&key.0, &key.1, from, CATCH_UP_CHUNK.min(until - from))
+                .await
+                .map_err(|err| err.to_string())?;
+            let Some(last) = ops.last() else { break };
+            from = last.seq() + 1;
+            for op in &ops {
+                self.send_operation(send, op).await?;
+            }
         }
+        Ok(from)
     }
-    Ok(from)
+
+    async fn send_operation(
+        &self,
+        send: &mut SendStream,
+        op: &SignedOperation,
+    ) -> Result<(), String> {
+        write_frame(send, &Frame::operation(op)).await?;
+        self.metrics.operations_sent.inc();
+        self.metrics
+            .operation_bytes_sent
+            .inc_by((op.header_bytes.len() + op.body.len()) as u64);
+        Ok(())
+    }
 }
 
 // ------------------------------------------------------------------------------- client side
@@ -494,7 +510,10 @@ impl SyncClient {
         for outcome in outcomes {
             match outcome {
                 InsertOutcome::Stored => stored += 1,
-                InsertOutcome::Duplicate | InsertOutcome::Held => {}
+                InsertOutcome::Duplicate => {
+                    self.metrics.operations_duplicate.inc();
+                }
+                InsertOutcome::Held => {}
                 InsertOutcome::Dropped => {
                     self.reject(RejectReason::ReorderBufferFull, "held back too many")
                 }
