@@ -29,6 +29,9 @@ const KIND_REQUEST: u8 = 1;
 const KIND_OPERATION: u8 = 2;
 const KIND_CAUGHT_UP: u8 = 3;
 const KIND_HAVE: u8 = 4;
+const KIND_PRUNE: u8 = 5;
+const KIND_GRAFT: u8 = 6;
+const KIND_ANNOUNCE: u8 = 7;
 
 /// Log heights per request or [`Frame::Have`] page (~100 bytes each: well below the frame limit).
 pub const HAVE_PAGE: usize = 4096;
@@ -200,6 +203,9 @@ impl RequestReader {
                 return Err(SessionError::UnexpectedFrame("operation"));
             }
             (Frame::CaughtUp, Some(_)) => return Err(SessionError::UnexpectedFrame("caught-up")),
+            (Frame::Prune | Frame::Graft { .. } | Frame::Announce(_), Some(_)) => {
+                return Err(SessionError::UnexpectedFrame("control"));
+            }
         };
         if more {
             return Ok(None);
@@ -224,6 +230,19 @@ pub enum Frame {
         heights: Vec<LogHeight>,
         more: bool,
     },
+    /// Subscriber -> server: it received a copy it had already, so it gets this session's new
+    /// operations from elsewhere too; announce them ([`Frame::Announce`]) instead of sending
+    /// them (PlumTree's prune). Catch-up still sends bodies.
+    Prune,
+    /// Subscriber -> server: send this log's operations from `from.next_seq` up to (excluding)
+    /// `until`, and bodies again from now on (PlumTree's graft: announced operations did not
+    /// arrive from elsewhere in time).
+    Graft {
+        from: LogHeight,
+        until: u64,
+    },
+    /// Server -> a pruned subscriber: the server now has these logs up to `next_seq`.
+    Announce(Vec<LogHeight>),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -265,6 +284,15 @@ impl Frame {
             Frame::Have { heights, more } => {
                 ciborium::into_writer(&(heights, more), &mut content).expect("CBOR into a Vec");
                 KIND_HAVE
+            }
+            Frame::Prune => KIND_PRUNE,
+            Frame::Graft { from, until } => {
+                ciborium::into_writer(&(from, until), &mut content).expect("CBOR into a Vec");
+                KIND_GRAFT
+            }
+            Frame::Announce(heights) => {
+                ciborium::into_writer(heights, &mut content).expect("CBOR into a Vec");
+                KIND_ANNOUNCE
             }
         };
         let mut out = Vec::with_capacity(5 + content.len());
@@ -318,6 +346,18 @@ impl Frame {
                 }
                 ciborium::from_reader(content)
                     .map(|(heights, more)| Frame::Have { heights, more })
+                    .map_err(|err| FrameError::BadRequest(err.to_string()))
+            }
+            KIND_PRUNE if content.is_empty() => Ok(Frame::Prune),
+            KIND_GRAFT => ciborium::from_reader(content)
+                .map(|(from, until)| Frame::Graft { from, until })
+                .map_err(|err| FrameError::BadRequest(err.to_string())),
+            KIND_ANNOUNCE => {
+                if content.len() > MAX_REQUEST_BYTES {
+                    return Err(FrameError::TooLarge(content.len()));
+                }
+                ciborium::from_reader(content)
+                    .map(Frame::Announce)
                     .map_err(|err| FrameError::BadRequest(err.to_string()))
             }
             KIND_CAUGHT_UP if content.is_empty() => Ok(Frame::CaughtUp),
@@ -477,6 +517,21 @@ mod tests {
             more: true,
         };
         assert_eq!(round_trip(&have), have);
+        let height = LogHeight {
+            author: key.public_key(),
+            log: LogId::Message("a.b".into()),
+            next_seq: 3,
+        };
+        for frame in [
+            Frame::Prune,
+            Frame::Graft {
+                from: height.clone(),
+                until: 9,
+            },
+            Frame::Announce(vec![height.clone(), height]),
+        ] {
+            assert_eq!(round_trip(&frame), frame);
+        }
         let op = Frame::operation(&chain(&key, 1)[0]);
         assert_eq!(round_trip(&op), op);
         assert_eq!(round_trip(&Frame::CaughtUp), Frame::CaughtUp);

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub operation_bytes_sent: Counter,
     pub operations_duplicate: Counter,
     pub relay_operations_pruned: Counter,
+    pub announcements_sent: Counter,
+    pub sync_prunes: Counter,
+    pub sync_grafts: Counter,
     pub operations_delivered: Counter,
     pub operations_rejected: Family<ReasonLabels, Counter>,
     pub routing_errors: Counter,
@@ -141,6 +144,9 @@ impl Metrics {
             operation_bytes_sent: Counter::default(),
             operations_duplicate: Counter::default(),
             relay_operations_pruned: Counter::default(),
+            announcements_sent: Counter::default(),
+            sync_prunes: Counter::default(),
+            sync_grafts: Counter::default(),
             operations_delivered: Counter::default(),
             operations_rejected: Family::default(),
             routing_errors: Counter::default(),
@@ -245,6 +251,21 @@ impl Metrics {
             "relay_operations_pruned",
             "Relayed operations deleted by relay retention",
             metrics.relay_operations_pruned.clone(),
+        );
+        registry.register(
+            "sync_announcements_sent",
+            "Operations announced instead of sent, to subscribers that pruned the session",
+            metrics.announcements_sent.clone(),
+        );
+        registry.register(
+            "sync_prunes",
+            "Sessions this node pruned (another session delivered their operations first)",
+            metrics.sync_prunes.clone(),
+        );
+        registry.register(
+            "sync_grafts",
+            "Announced operations this node asked for because they did not arrive elsewhere in time",
+            metrics.sync_grafts.clone(),
         );
         registry.register(
             "operations_delivered",

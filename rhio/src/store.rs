@@ -121,6 +121,8 @@ pub struct Store {
     events: broadcast::Sender<Arc<SignedOperation>>,
     /// The author of this node's own logs.
     own: PublicKey,
+    /// Committed log heights (next sequence number), readable without a query.
+    committed: Arc<std::sync::RwLock<HashMap<(PublicKey, LogId), u64>>>,
 }
 
 const SCHEMA: &str = "
@@ -227,7 +229,14 @@ impl Store {
             .await
             .map_err(open_error)?;
         let own = key.public_key();
+        let committed = Arc::new(std::sync::RwLock::new(
+            heads
+                .iter()
+                .map(|(key, head)| (key.clone(), head.next_seq))
+                .collect(),
+        ));
         let writer = Writer {
+            committed: committed.clone(),
             connection: Some(connection),
             full_sync: true,
             pool: pool.clone(),
@@ -245,12 +254,23 @@ impl Store {
             writes,
             events,
             own,
+            committed,
         })
     }
 
     /// The author of this node's own logs.
     pub fn public_key(&self) -> PublicKey {
         self.own
+    }
+
+    /// The next sequence number of a log as committed (0 for a log the store does not have).
+    pub fn next_seq(&self, author: &PublicKey, log: &LogId) -> u64 {
+        self.committed
+            .read()
+            .expect("committed heads lock")
+            .get(&(*author, log.clone()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Newly committed operations, in commit order (each log in sequence order).
@@ -458,6 +478,8 @@ struct Writer {
     pool: SqlitePool,
     key: PrivateKey,
     heads: HashMap<(PublicKey, LogId), Head>,
+    /// Shared with [`Store::next_seq`]: heads as committed.
+    committed: Arc<std::sync::RwLock<HashMap<(PublicKey, LogId), u64>>>,
     /// Logs whose head changed in the open transaction.
     dirty: HashMap<(PublicKey, LogId), Head>,
     /// Delivered positions not written yet.
@@ -522,6 +544,13 @@ impl Writer {
                 .await;
             match result {
                 Ok(()) => {
+                    {
+                        let mut heads = self.committed.write().expect("committed heads lock");
+                        for op in &committed {
+                            let next = heads.entry((op.author(), op.log().clone())).or_insert(0);
+                            *next = (*next).max(op.seq() + 1);
+                        }
+                    }
                     for op in committed {
                         // No listener is fine: they rescan the store when they start.
                         let _ = self.events.send(op);

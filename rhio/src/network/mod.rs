@@ -525,6 +525,8 @@ impl PeerManager {
         let mut changes = members.changes();
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         let own = self.store.public_key();
+        let eager_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let grafts = sync::Grafts::default();
         loop {
             // Neighbours that are no members are left alone (no probes, no sessions, not listed).
             for peer in &neighbours {
@@ -610,6 +612,8 @@ impl PeerManager {
                             peers: peers.clone(),
                             metrics: self.metrics.clone(),
                             shutdown: token.clone(),
+                            eager_sessions: eager_sessions.clone(),
+                            grafts: grafts.clone(),
                         }
                         .run(),
                     );

@@ -8,6 +8,15 @@
 //! `[[subscribe]]` decides). So in a line A-B-C, C receives A's messages through B even when B
 //! subscribes to nothing.
 //!
+//! Bodies follow a tree (PlumTree over sessions): a subscriber that receives a copy of an
+//! operation it stored already sends [`Frame::Prune`] on its session's return stream, and that
+//! server then sends [`Frame::Announce`] (log heights) for new operations instead of their
+//! bodies. An announced operation that has not arrived from another session within
+//! [`GRAFT_TIMEOUT`] is asked for with [`Frame::Graft`] (the missing range, once across the
+//! node's sessions), which makes the session send bodies again. A node keeps at least one
+//! session that sends bodies. Catch-up at session start always sends bodies, so a lost
+//! announcement costs latency, never an operation.
+//!
 //! The client verifies every operation (signature, hash, log chain) and checks that its author
 //! is a member (or, for an author that is no member, that it subscribes to that subject) before
 //! storing it; anything else is rejected with a reason in the log and in
@@ -49,8 +58,13 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a subscriber may take to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Announcements sent together at most.
+const ANNOUNCE_BATCH: usize = 512;
+/// How long an announced operation may take to arrive from elsewhere before it is grafted
+/// from the session that announced it.
+const GRAFT_TIMEOUT: Duration = Duration::from_secs(1);
 
-type LogKey = (PublicKey, LogId);
+pub type LogKey = (PublicKey, LogId);
 
 /// Reads one frame; `None` when the peer finished the stream cleanly.
 pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, String> {
@@ -169,7 +183,7 @@ impl ProtocolHandler for SyncServer {
             metrics: &self.metrics,
         };
         let result = tokio::select! {
-            result = session.serve(&self.store, &mut send) => result,
+            result = session.serve(&self.store, &mut send, &mut recv) => result,
             _ = connection.closed() => Ok(()),
             _ = until_removed(&self.members, &remote) => {
                 tracing::warn!(peer = %remote, "no longer a member; sync session closed");
@@ -202,37 +216,106 @@ impl Session<'_> {
         *author != self.remote && self.request.wants(author, log)
     }
 
-    /// Sends everything the subscriber lacks, then every new wanted operation, until an error.
-    async fn serve(&self, store: &Store, send: &mut SendStream) -> Result<(), String> {
+    /// Sends everything the subscriber lacks, then every new wanted operation (or, once the
+    /// subscriber pruned this session, announcements of them), until an error.
+    async fn serve(
+        &self,
+        store: &Store,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+    ) -> Result<(), String> {
         // Subscribe first: what is committed while catching up arrives as an event too.
         let mut events = store.subscribe();
         let mut sent: HashMap<LogKey, u64> = HashMap::new();
         self.catch_up(store, &mut sent, send).await?;
         write_frame(send, &Frame::CaughtUp).await?;
-        loop {
-            let op = match events.recv().await {
-                Ok(op) => op,
-                Err(RecvError::Lagged(_)) => {
-                    self.catch_up(store, &mut sent, send).await?;
-                    continue;
+        // The subscriber's prune and graft frames, read beside the pushes. A subscriber that
+        // predates them never sends any.
+        let (control_tx, mut control) = mpsc::channel(64);
+        let reader = async move {
+            loop {
+                match read_frame(recv).await? {
+                    Some(frame) => {
+                        if control_tx.send(frame).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                Err(RecvError::Closed) => return Err("store closed".into()),
-            };
-            let author = op.author();
-            if !self.wants(&author, op.log()) {
-                continue;
             }
-            let key = (author, op.log().clone());
-            let next = *sent
-                .entry(key.clone())
-                .or_insert_with(|| self.heights.start_of(&author, op.log()));
-            if op.seq() == next {
-                self.send_operation(send, &op).await?;
-                sent.insert(key, next + 1);
-            } else if op.seq() > next {
-                let next = self.send_log(store, &key, next, op.seq() + 1, send).await?;
-                sent.insert(key, next);
+        };
+        let pusher = async {
+            let mut eager = true;
+            let mut announce: Vec<LogHeight> = Vec::new();
+            loop {
+                // Announcements leave as soon as no further event is queued (whatever the last
+                // event was), in batches under load.
+                if !announce.is_empty() && (events.is_empty() || announce.len() >= ANNOUNCE_BATCH) {
+                    self.metrics
+                        .announcements_sent
+                        .inc_by(announce.len() as u64);
+                    write_frame(send, &Frame::Announce(std::mem::take(&mut announce))).await?;
+                }
+                tokio::select! {
+                    biased;
+                    frame = control.recv() => match frame {
+                        Some(Frame::Prune) => eager = false,
+                        Some(Frame::Graft { from, until }) => {
+                            eager = true;
+                            if self.wants(&from.author, &from.log) {
+                                let key = (from.author, from.log);
+                                let next = self
+                                    .send_log(store, &key, from.next_seq, until, send)
+                                    .await?;
+                                let sent_to = sent.entry(key).or_insert(0);
+                                *sent_to = (*sent_to).max(next);
+                            }
+                        }
+                        Some(other) => return Err(format!("unexpected frame from the subscriber: {other:?}")),
+                        None => std::future::pending::<()>().await,
+                    },
+                    event = events.recv() => {
+                        let op = match event {
+                            Ok(op) => op,
+                            Err(RecvError::Lagged(_)) => {
+                                self.catch_up(store, &mut sent, send).await?;
+                                continue;
+                            }
+                            Err(RecvError::Closed) => return Err("store closed".to_string()),
+                        };
+                        let author = op.author();
+                        if !self.wants(&author, op.log()) {
+                            continue;
+                        }
+                        let key = (author, op.log().clone());
+                        let next = *sent
+                            .entry(key.clone())
+                            .or_insert_with(|| self.heights.start_of(&author, op.log()));
+                        if op.seq() < next {
+                            continue;
+                        }
+                        if !eager {
+                            // The subscriber gets bodies elsewhere: tell it we have this one.
+                            announce.push(LogHeight {
+                                author,
+                                log: op.log().clone(),
+                                next_seq: op.seq() + 1,
+                            });
+                            sent.insert(key, op.seq() + 1);
+                        } else if op.seq() == next {
+                            self.send_operation(send, &op).await?;
+                            sent.insert(key, next + 1);
+                        } else {
+                            let next = self.send_log(store, &key, next, op.seq() + 1, send).await?;
+                            sent.insert(key, next);
+                        }
+                    }
+                }
             }
+        };
+        tokio::select! {
+            result = reader => result,
+            result = pusher => result,
         }
     }
 
@@ -335,6 +418,61 @@ pub struct SyncClient {
     pub peers: PeerTable,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// This node's sessions that get bodies (not pruned), shared by all of them: a session is
+    /// pruned only while another one is eager, so the node never prunes its last source.
+    pub eager_sessions: Arc<std::sync::atomic::AtomicUsize>,
+    /// Ranges this node grafted recently, shared by its sessions: per log, up to where and
+    /// when. An operation announced by several sessions is asked for once.
+    pub grafts: Grafts,
+}
+
+/// Per log: the end of the range last grafted, and when.
+pub type Grafts = Arc<std::sync::Mutex<HashMap<LogKey, (u64, tokio::time::Instant)>>>;
+
+/// Counts a session as eager while it lives and is not pruned.
+struct EagerGuard<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    eager: bool,
+}
+
+impl<'a> EagerGuard<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self { count, eager: true }
+    }
+
+    /// Leaves the eager count when another session stays eager; false otherwise.
+    fn try_prune(&mut self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.eager {
+            return false;
+        }
+        let pruned = self
+            .count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n >= 2).then(|| n - 1)
+            })
+            .is_ok();
+        if pruned {
+            self.eager = false;
+        }
+        pruned
+    }
+
+    fn graft(&mut self) {
+        if !self.eager {
+            self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.eager = true;
+        }
+    }
+}
+
+impl Drop for EagerGuard<'_> {
+    fn drop(&mut self) {
+        if self.eager {
+            self.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 impl SyncClient {
@@ -406,7 +544,7 @@ impl SyncClient {
             })
             .inc();
         let result = tokio::select! {
-            result = self.receive(&mut recv) => result,
+            result = self.receive(&mut recv, &mut send) => result,
             _ = until_removed(&self.acceptance.members, &self.peer) => Err("no longer a member".into()),
         };
         self.metrics
@@ -419,8 +557,16 @@ impl SyncClient {
         result
     }
 
-    async fn receive(&self, recv: &mut RecvStream) -> Result<(), String> {
+    async fn receive(&self, recv: &mut RecvStream, send: &mut SendStream) -> Result<(), String> {
         let (frames_tx, mut frames) = mpsc::channel(FRAME_QUEUE);
+        let (control_tx, mut control) = mpsc::channel::<Frame>(64);
+        // Prune and graft frames go back to the server on the session's own stream.
+        let writer = async {
+            while let Some(frame) = control.recv().await {
+                write_frame(send, &frame).await?;
+            }
+            std::future::pending::<Result<(), String>>().await
+        };
         // Reading and verifying overlap: the reader fills the queue while a batch is verified.
         let reader = async {
             loop {
@@ -437,32 +583,93 @@ impl SyncClient {
             }
         };
         let processor = async {
+            let mut eager = EagerGuard::new(&self.eager_sessions);
+            // Announced operations not here yet, with when to graft them.
+            let mut awaited: std::collections::VecDeque<(tokio::time::Instant, LogHeight)> =
+                Default::default();
             let mut batch = Vec::with_capacity(VERIFY_BATCH);
-            while frames.recv_many(&mut batch, VERIFY_BATCH).await > 0 {
-                self.process(std::mem::take(&mut batch)).await?;
+            loop {
+                let deadline = awaited.front().map(|(at, _)| *at);
+                tokio::select! {
+                    received = frames.recv_many(&mut batch, VERIFY_BATCH) => {
+                        if received == 0 {
+                            return Ok::<(), String>(());
+                        }
+                        let (duplicates, announced) =
+                            self.process(std::mem::take(&mut batch)).await?;
+                        if duplicates > 0 && eager.try_prune() {
+                            // Another session delivers these: announcements are enough here.
+                            self.metrics.sync_prunes.inc();
+                            tracing::debug!(peer = %self.peer, "pruned: operations come from another session first");
+                            let _ = control_tx.send(Frame::Prune).await;
+                        }
+                        let at = tokio::time::Instant::now() + GRAFT_TIMEOUT;
+                        awaited.extend(announced.into_iter().map(|height| (at, height)));
+                    }
+                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                        let now = tokio::time::Instant::now();
+                        while let Some((at, height)) = awaited.front() {
+                            if *at > now {
+                                break;
+                            }
+                            let key = (height.author, height.log.clone());
+                            let have = self.store.next_seq(&height.author, &height.log);
+                            // What a session asked for recently is on its way.
+                            let from = {
+                                let mut grafts = self.grafts.lock().expect("grafts lock");
+                                grafts.retain(|_, (_, at)| now.duration_since(*at) < GRAFT_TIMEOUT);
+                                let from = grafts.get(&key).map_or(have, |(until, _)| have.max(*until));
+                                if from < height.next_seq {
+                                    grafts.insert(key, (height.next_seq, now));
+                                }
+                                from
+                            };
+                            if from < height.next_seq {
+                                // It did not come from elsewhere in time: from here, eagerly.
+                                self.metrics.sync_grafts.inc();
+                                tracing::debug!(peer = %self.peer, author = %height.author, log = %height.log.name(), from, until = height.next_seq, "grafting announced operations");
+                                eager.graft();
+                                let _ = control_tx
+                                    .send(Frame::Graft {
+                                        from: LogHeight {
+                                            author: height.author,
+                                            log: height.log.clone(),
+                                            next_seq: from,
+                                        },
+                                        until: height.next_seq,
+                                    })
+                                    .await;
+                            }
+                            awaited.pop_front();
+                        }
+                    }
+                }
             }
-            Ok::<(), String>(())
         };
         tokio::select! {
             result = reader => result,
             result = processor => result,
+            result = writer => result,
         }
     }
 
-    /// Verifies a batch of frames, rejects what is not allowed and stores the rest.
-    async fn process(&self, frames: Vec<Frame>) -> Result<(), String> {
+    /// Verifies a batch of frames, rejects what is not allowed and stores the rest; returns how
+    /// many were copies of stored operations, and the announcements among the frames.
+    async fn process(&self, frames: Vec<Frame>) -> Result<(u64, Vec<LogHeight>), String> {
         let mut raw = Vec::with_capacity(frames.len());
+        let mut announced = Vec::new();
         for frame in frames {
             match frame {
                 Frame::Operation { header, body } => raw.push((header, body)),
                 Frame::CaughtUp => tracing::debug!(peer = %self.peer, "caught up"),
-                Frame::Request(_) | Frame::Have { .. } => {
-                    return Err("peer sent a request on our session".into());
+                Frame::Announce(heights) => announced.extend(heights),
+                Frame::Request(_) | Frame::Have { .. } | Frame::Prune | Frame::Graft { .. } => {
+                    return Err("peer sent a subscriber's frame on our session".into());
                 }
             }
         }
         if raw.is_empty() {
-            return Ok(());
+            return Ok((0, announced));
         }
         // Signature checks cost ~70 us each: keep them off the async workers, and spread a large
         // batch over the cores.
@@ -499,7 +706,7 @@ impl SyncClient {
             }
         }
         if accepted.is_empty() {
-            return Ok(());
+            return Ok((0, announced));
         }
         let outcomes = self
             .store
@@ -507,11 +714,13 @@ impl SyncClient {
             .await
             .map_err(|err| err.to_string())?;
         let mut stored = 0;
+        let mut duplicates = 0;
         for outcome in outcomes {
             match outcome {
                 InsertOutcome::Stored => stored += 1,
                 InsertOutcome::Duplicate => {
                     self.metrics.operations_duplicate.inc();
+                    duplicates += 1;
                 }
                 InsertOutcome::Held => {}
                 InsertOutcome::Dropped => {
@@ -529,7 +738,7 @@ impl SyncClient {
         }
         // Held operations are counted when their predecessor arrives and stores them.
         self.metrics.operations_received.inc_by(stored);
-        Ok(())
+        Ok((duplicates, announced))
     }
 
     fn reject(&self, reason: RejectReason, detail: &str) {
