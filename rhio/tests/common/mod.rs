@@ -85,7 +85,20 @@ pub enum Registries {
 }
 
 fn localenv(args: &[&str]) -> std::process::Output {
-    let output = Command::new("python3")
+    localenv_in(None, args)
+}
+
+/// `python3 dev/localenv.py ARGS`, inside network namespace `netns` when given.
+fn localenv_in(netns: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = match netns {
+        Some(name) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", name, "python3"]);
+            command
+        }
+        None => Command::new("python3"),
+    };
+    let output = command
         .arg(repo_root().join("dev/localenv.py"))
         .args(args)
         .stderr(Stdio::piped())
@@ -105,6 +118,11 @@ impl LocalEnv {
         Self::launch(clusters, None)
     }
 
+    /// Clusters whose servers run inside network namespace `netns` (on its own loopback).
+    pub fn up_in(clusters: usize, netns: &Netns) -> Self {
+        Self::launch_in(clusters, None, Some(&netns.name))
+    }
+
     /// Clusters plus an OCI registry (Debian's docker-registry), and with
     /// [`Registries::AnonymousAndToken`] a second one behind Harbor's token flow.
     pub fn with_registry(clusters: usize, registries: Registries) -> Self {
@@ -112,6 +130,10 @@ impl LocalEnv {
     }
 
     fn launch(clusters: usize, registries: Option<Registries>) -> Self {
+        Self::launch_in(clusters, registries, None)
+    }
+
+    fn launch_in(clusters: usize, registries: Option<Registries>, netns: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().to_str().unwrap().to_string();
         let owner = std::process::id().to_string();
@@ -130,7 +152,7 @@ impl LocalEnv {
             Some(Registries::Anonymous) => {}
             Some(Registries::AnonymousAndToken) => args.push("--registry-auth"),
         }
-        let output = localenv(&args);
+        let output = localenv_in(netns, &args);
         let info: Value = serde_json::from_slice(&output.stdout).expect("env JSON");
         let clusters = info["clusters"]
             .as_array()
@@ -262,6 +284,12 @@ pub struct NodeSpec {
     pub part_size_mib: u64,
     pub network_id: String,
     pub known_nodes: Vec<(String, u16)>,
+    /// Known nodes with an explicit address (`ip:port`).
+    pub known_addrs: Vec<(String, String)>,
+    /// The QUIC endpoint's address (`127.0.0.1` unless set).
+    pub bind_ip: String,
+    /// The network namespace the node runs in (its HTTP is reached from inside it).
+    pub netns: Option<String>,
     /// Extra lines for the `[network]` section.
     pub extra_network: String,
     pub extra: String,
@@ -286,6 +314,9 @@ impl NodeSpec {
             part_size_mib: 5,
             network_id: "rhio-test".into(),
             known_nodes: Vec::new(),
+            known_addrs: Vec::new(),
+            bind_ip: "127.0.0.1".into(),
+            netns: None,
             extra_network: String::new(),
             extra: String::new(),
             env: Vec::new(),
@@ -304,6 +335,15 @@ impl NodeSpec {
 
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.http_port))
+    }
+
+    /// GET from the node's HTTP server (from inside its network namespace when it has one).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = self.http_addr();
+        match &self.netns {
+            Some(name) => Netns::named(name).run(|| http_get(addr, path)),
+            None => http_get(addr, path),
+        }
     }
 
     pub fn toml(&self) -> String {
@@ -333,7 +373,7 @@ part_size_mib = {part_size_mib}
 
 [network]
 network_id = "{network_id}"
-bind_ip = "127.0.0.1"
+bind_ip = "{bind_ip}"
 bind_port = {quic_port}
 probe_interval_secs = 1
 max_retry_interval_secs = 2
@@ -352,10 +392,16 @@ max_retry_interval_secs = 2
             network_id = self.network_id,
             quic_port = self.quic_port,
             extra_network = self.extra_network,
+            bind_ip = self.bind_ip,
         );
         for (key, port) in &self.known_nodes {
             text.push_str(&format!(
                 "\n[[network.known_nodes]]\npublic_key = \"{key}\"\naddresses = [\"127.0.0.1:{port}\"]\n"
+            ));
+        }
+        for (key, address) in &self.known_addrs {
+            text.push_str(&format!(
+                "\n[[network.known_nodes]]\npublic_key = \"{key}\"\naddresses = [\"{address}\"]\n"
             ));
         }
         text.push_str(&self.extra);
@@ -386,7 +432,15 @@ impl RhioNode {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rhio"));
+        let mut command = match &spec.netns {
+            Some(name) => {
+                // `ip netns exec` execs rhio in place: the child's pid is rhio's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name, env!("CARGO_BIN_EXE_rhio")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_rhio")),
+        };
         for set in sets {
             command.arg("--set").arg(set);
         }
@@ -410,7 +464,7 @@ impl RhioNode {
     }
 
     pub fn health(&self) -> Option<(u16, Value)> {
-        let (code, body) = http_get(self.spec.http_addr(), "/health")?;
+        let (code, body) = self.spec.http_get("/health")?;
         Some((code, serde_json::from_str(&body).ok()?))
     }
 
@@ -652,7 +706,9 @@ pub fn metric(node: &RhioNode, name: &str) -> f64 {
 /// The value of a series on /metrics, `None` when the series is absent. Panics when /metrics
 /// cannot be read.
 pub fn metric_present(node: &RhioNode, name: &str) -> Option<f64> {
-    let (code, text) = http_get(node.spec.http_addr(), "/metrics")
+    let (code, text) = node
+        .spec
+        .http_get("/metrics")
         .unwrap_or_else(|| panic!("GET /metrics of {} failed", node.spec.http_addr()));
     assert_eq!(code, 200, "GET /metrics answered {code}");
     text.lines()
@@ -875,6 +931,137 @@ pub fn assert_routed(
                 .unwrap()
                 .to_string();
             assert!(ids.insert(id), "duplicate operation");
+        }
+    }
+}
+
+/// A network namespace this test created (`ip netns add`), deleted on drop with everything in it.
+pub struct Netns {
+    pub name: String,
+    owned: bool,
+}
+
+impl Netns {
+    /// Two namespaces joined by a veth pair: `a` has `10.231.<n>.1/24`, `b` `10.231.<n>.2/24`
+    /// (n from the process id, so concurrent tests do not collide); loopback up in both.
+    /// Needs root (the test suite runs as root here).
+    pub fn pair(tag: &str) -> (Netns, Netns, [String; 2]) {
+        let id = std::process::id();
+        let a = Netns {
+            name: format!("rhio-{id}-{tag}-a"),
+            owned: true,
+        };
+        let b = Netns {
+            name: format!("rhio-{id}-{tag}-b"),
+            owned: true,
+        };
+        let subnet = id % 250 + 1;
+        let (va, vb) = (
+            format!("rh{}a", id % 100_000),
+            format!("rh{}b", id % 100_000),
+        );
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip runs");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &a.name]);
+        ip(&["netns", "add", &b.name]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &a.name]);
+        ip(&["link", "set", &vb, "netns", &b.name]);
+        let addresses = [format!("10.231.{subnet}.1"), format!("10.231.{subnet}.2")];
+        for (ns, veth, address) in [(&a, &va, &addresses[0]), (&b, &vb, &addresses[1])] {
+            ip(&[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                veth,
+            ]);
+            ip(&["-n", &ns.name, "link", "set", veth, "up"]);
+            ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        }
+        (a, b, addresses)
+    }
+
+    fn named(name: &str) -> Netns {
+        Netns {
+            name: name.to_string(),
+            owned: false,
+        }
+    }
+
+    /// Sets every link of the namespace but loopback down (`false`) or up (`true`).
+    pub fn set_links(&self, up: bool) {
+        let output = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show"])
+            .output()
+            .expect("ip runs");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let Some(name) = line
+                .split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            else {
+                continue;
+            };
+            if name == "lo" || name.is_empty() {
+                continue;
+            }
+            let status = Command::new("ip")
+                .args([
+                    "-n",
+                    &self.name,
+                    "link",
+                    "set",
+                    &name,
+                    if up { "up" } else { "down" },
+                ])
+                .status()
+                .expect("ip runs");
+            assert!(status.success());
+        }
+    }
+
+    /// Runs `f` on a thread inside the namespace (its sockets are the namespace's); async code
+    /// inside should build its own current-thread runtime.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path).expect("namespace file");
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: moves this thread (only) into the namespace we created.
+                    let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(result, 0, "setns into {}", self.name);
+                    f()
+                })
+                .join()
+                .expect("thread in the namespace")
+        })
+    }
+
+    /// Runs a future inside the namespace on a runtime of its own.
+    pub fn block_on<T: Send>(&self, future: impl std::future::Future<Output = T> + Send) -> T {
+        self.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(future)
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
         }
     }
 }
