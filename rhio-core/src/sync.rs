@@ -9,6 +9,11 @@
 //! each new operation as it stores it. The cost of a session start is O(logs + missing
 //! operations), never O(history): heights are looked up in a [`Heights`] index.
 //!
+//! After catch-up the serving side follows [`Pusher`]: bodies while the subscriber is eager,
+//! [`Frame::Announce`] after it sent [`Frame::Prune`], a range and bodies again after
+//! [`Frame::Graft`] (PlumTree on sessions; the node side is described in rhio's
+//! `network::sync`).
+//!
 //! Frame layout: `u32 length (big endian) | u8 kind | content`, where a request's content is
 //! CBOR, an operation's is `u32 header length | header | body`, and caught-up has none.
 
@@ -461,6 +466,149 @@ impl ReorderBuffer {
     }
 }
 
+/// The serving side of a live session, without I/O: after catch-up, the driver tells it about
+/// every operation the store commits and every control frame the subscriber sends, and does
+/// what it answers (send one operation, send a stored range, or queue an announcement).
+#[derive(Debug)]
+pub struct Pusher {
+    remote: PublicKey,
+    request: SyncRequest,
+    heights: Heights,
+    /// Per log: the next sequence number the subscriber gets (or was told about).
+    sent: HashMap<(PublicKey, LogId), u64>,
+    /// Bodies (true) or announcements (false, after the subscriber pruned this session).
+    eager: bool,
+    announce: Vec<LogHeight>,
+}
+
+/// What the driver does about a committed operation or a control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned by value and matched at once; a range is rare and boxing it buys nothing"
+)]
+pub enum Push {
+    /// Nothing: not wanted, or the subscriber has it already.
+    Skip,
+    /// Send this operation.
+    Send,
+    /// Send the stored operations of this log from `from` up to (excluding) `until`, then
+    /// report how far it got with [`Pusher::sent_to`].
+    Range {
+        author: PublicKey,
+        log: LogId,
+        from: u64,
+        until: u64,
+    },
+    /// Queued as an announcement: send [`Pusher::announcements`] when no event is pending.
+    Announced,
+}
+
+impl Pusher {
+    pub fn new(remote: PublicKey, request: SyncRequest, heights: Heights) -> Self {
+        Self {
+            remote,
+            request,
+            heights,
+            sent: HashMap::new(),
+            eager: true,
+            announce: Vec::new(),
+        }
+    }
+
+    /// A subscriber is never sent its own operations back (it has them all).
+    pub fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
+        *author != self.remote && self.request.wants(author, log)
+    }
+
+    pub fn is_eager(&self) -> bool {
+        self.eager
+    }
+
+    /// Where catch-up starts for a log: what was sent in this session, else the subscriber's
+    /// height.
+    pub fn start_of(&self, author: &PublicKey, log: &LogId) -> u64 {
+        self.sent
+            .get(&(*author, log.clone()))
+            .copied()
+            .unwrap_or_else(|| self.heights.start_of(author, log))
+    }
+
+    /// Records that the subscriber now has a log up to (excluding) `next`.
+    pub fn sent_to(&mut self, author: &PublicKey, log: &LogId, next: u64) {
+        let entry = self.sent.entry((*author, log.clone())).or_insert(0);
+        *entry = (*entry).max(next);
+    }
+
+    /// The store committed operation `seq` of a log.
+    pub fn stored(&mut self, author: &PublicKey, log: &LogId, seq: u64) -> Push {
+        if !self.wants(author, log) {
+            return Push::Skip;
+        }
+        let next = self.start_of(author, log);
+        if seq < next {
+            return Push::Skip;
+        }
+        if !self.eager {
+            // The subscriber gets bodies elsewhere: tell it this one exists.
+            self.announce.push(LogHeight {
+                author: *author,
+                log: log.clone(),
+                next_seq: seq + 1,
+            });
+            self.sent_to(author, log, seq + 1);
+            return Push::Announced;
+        }
+        if seq == next {
+            self.sent_to(author, log, seq + 1);
+            return Push::Send;
+        }
+        Push::Range {
+            author: *author,
+            log: log.clone(),
+            from: next,
+            until: seq + 1,
+        }
+    }
+
+    /// A control frame from the subscriber: prune (announce from now on) or graft (send this
+    /// range, and bodies from now on).
+    pub fn control(&mut self, frame: Frame) -> Result<Push, SessionError> {
+        match frame {
+            Frame::Prune => {
+                self.eager = false;
+                Ok(Push::Skip)
+            }
+            Frame::Graft { from, until } => {
+                self.eager = true;
+                if !self.wants(&from.author, &from.log) || from.next_seq >= until {
+                    return Ok(Push::Skip);
+                }
+                Ok(Push::Range {
+                    author: from.author,
+                    log: from.log,
+                    from: from.next_seq,
+                    until,
+                })
+            }
+            Frame::Request(_) => Err(SessionError::UnexpectedFrame("request")),
+            Frame::Have { .. } => Err(SessionError::UnexpectedFrame("have")),
+            Frame::Operation { .. } => Err(SessionError::UnexpectedFrame("operation")),
+            Frame::CaughtUp => Err(SessionError::UnexpectedFrame("caught-up")),
+            Frame::Announce(_) => Err(SessionError::UnexpectedFrame("announce")),
+        }
+    }
+
+    /// The queued announcements as one frame, when there are any and either no event is
+    /// pending (`idle`) or the batch is full.
+    pub fn announcements(&mut self, idle: bool, batch: usize) -> Option<Frame> {
+        if self.announce.is_empty() || !(idle || self.announce.len() >= batch) {
+            return None;
+        }
+        Some(Frame::Announce(std::mem::take(&mut self.announce)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,6 +835,99 @@ mod tests {
             reader.push(Frame::Request(request)).unwrap_err(),
             SessionError::UnexpectedFrame("request")
         );
+    }
+
+    #[test]
+    fn a_pusher_sends_in_order_fills_gaps_and_skips_what_the_subscriber_has() {
+        let (me, them, other) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let log = LogId::Message("a.b".into());
+        let frames = SyncRequest::frames(
+            Vec::new(),
+            vec![LogHeight {
+                author: other,
+                log: log.clone(),
+                next_seq: 2,
+            }],
+            String::new(),
+            true,
+        );
+        let mut reader = RequestReader::new();
+        let (request, heights) = frames
+            .into_iter()
+            .find_map(|frame| reader.push(frame).unwrap())
+            .unwrap();
+        let mut pusher = Pusher::new(them, request, heights);
+        assert_eq!(pusher.stored(&them, &log, 0), Push::Skip, "its own log");
+        assert_eq!(pusher.stored(&other, &log, 1), Push::Skip, "it has it");
+        assert_eq!(pusher.stored(&other, &log, 2), Push::Send);
+        assert_eq!(
+            pusher.stored(&other, &log, 5),
+            Push::Range {
+                author: other,
+                log: log.clone(),
+                from: 3,
+                until: 6
+            }
+        );
+        pusher.sent_to(&other, &log, 6);
+        assert_eq!(pusher.stored(&me, &log, 0), Push::Send, "a new log from 0");
+        assert_eq!(pusher.stored(&other, &log, 6), Push::Send);
+    }
+
+    #[test]
+    fn a_pruned_pusher_announces_and_a_graft_makes_it_send_again() {
+        let (them, author) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let log = LogId::Message("a.b".into());
+        let (request, heights) = RequestReader::new()
+            .push(SyncRequest::frames(Vec::new(), Vec::new(), String::new(), true).remove(0))
+            .unwrap()
+            .unwrap();
+        let mut pusher = Pusher::new(them, request, heights);
+        assert_eq!(pusher.stored(&author, &log, 0), Push::Send);
+        assert_eq!(pusher.control(Frame::Prune), Ok(Push::Skip));
+        assert!(!pusher.is_eager());
+        assert_eq!(pusher.stored(&author, &log, 1), Push::Announced);
+        assert_eq!(pusher.stored(&author, &log, 2), Push::Announced);
+        assert_eq!(
+            pusher.announcements(false, 10),
+            None,
+            "waits while events are queued"
+        );
+        let Some(Frame::Announce(heights)) = pusher.announcements(true, 10) else {
+            panic!("announcements");
+        };
+        assert_eq!(
+            heights.iter().map(|h| h.next_seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(pusher.announcements(true, 10), None);
+        let graft = Frame::Graft {
+            from: LogHeight {
+                author,
+                log: log.clone(),
+                next_seq: 1,
+            },
+            until: 3,
+        };
+        assert_eq!(
+            pusher.control(graft),
+            Ok(Push::Range {
+                author,
+                log: log.clone(),
+                from: 1,
+                until: 3
+            })
+        );
+        assert!(pusher.is_eager());
+        assert_eq!(pusher.stored(&author, &log, 3), Push::Send);
+        assert!(pusher.control(Frame::CaughtUp).is_err());
     }
 
     proptest! {

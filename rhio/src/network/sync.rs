@@ -33,7 +33,7 @@ use p2panda_net::utils::to_verifying_key;
 use rhio_core::identity::PublicKey;
 use rhio_core::message::RoutedMessage;
 use rhio_core::operation::{LogId, SignedOperation};
-use rhio_core::sync::{Frame, Heights, LogHeight, RequestReader, SyncRequest};
+use rhio_core::sync::{Frame, Heights, LogHeight, Push, Pusher, RequestReader, SyncRequest};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -177,13 +177,11 @@ impl ProtocolHandler for SyncServer {
             .get_or_create(&ReasonLabels { reason: "serving" })
             .inc();
         let session = Session {
-            remote,
-            request: &request,
-            heights: &heights,
             metrics: &self.metrics,
         };
+        let pusher = Pusher::new(remote, request, heights);
         let result = tokio::select! {
-            result = session.serve(&self.store, &mut send, &mut recv) => result,
+            result = session.serve(&self.store, pusher, &mut send, &mut recv) => result,
             _ = connection.closed() => Ok(()),
             _ = until_removed(&self.members, &remote) => {
                 tracing::warn!(peer = %remote, "no longer a member; sync session closed");
@@ -202,32 +200,24 @@ impl ProtocolHandler for SyncServer {
     }
 }
 
-/// What one subscriber asked for.
+/// The I/O of one served session; what to send is decided by [`Pusher`].
 struct Session<'a> {
-    remote: PublicKey,
-    request: &'a SyncRequest,
-    heights: &'a Heights,
     metrics: &'a Metrics,
 }
 
 impl Session<'_> {
-    /// A subscriber is never sent its own operations back (it has them all).
-    fn wants(&self, author: &PublicKey, log: &LogId) -> bool {
-        *author != self.remote && self.request.wants(author, log)
-    }
-
     /// Sends everything the subscriber lacks, then every new wanted operation (or, once the
     /// subscriber pruned this session, announcements of them), until an error.
     async fn serve(
         &self,
         store: &Store,
+        mut pusher: Pusher,
         send: &mut SendStream,
         recv: &mut RecvStream,
     ) -> Result<(), String> {
         // Subscribe first: what is committed while catching up arrives as an event too.
         let mut events = store.subscribe();
-        let mut sent: HashMap<LogKey, u64> = HashMap::new();
-        self.catch_up(store, &mut sent, send).await?;
+        self.catch_up(store, &mut pusher, send).await?;
         write_frame(send, &Frame::CaughtUp).await?;
         // The subscriber's prune and graft frames, read beside the pushes. A subscriber that
         // predates them never sends any.
@@ -244,78 +234,53 @@ impl Session<'_> {
                 }
             }
         };
-        let pusher = async {
-            let mut eager = true;
-            let mut announce: Vec<LogHeight> = Vec::new();
+        let pusher_loop = async {
             loop {
-                // Announcements leave as soon as no further event is queued (whatever the last
-                // event was), in batches under load.
-                if !announce.is_empty() && (events.is_empty() || announce.len() >= ANNOUNCE_BATCH) {
-                    self.metrics
-                        .announcements_sent
-                        .inc_by(announce.len() as u64);
-                    write_frame(send, &Frame::Announce(std::mem::take(&mut announce))).await?;
+                // Announcements leave as soon as no further event is queued, in batches under
+                // load.
+                if let Some(frame) = pusher.announcements(events.is_empty(), ANNOUNCE_BATCH) {
+                    if let Frame::Announce(heights) = &frame {
+                        self.metrics.announcements_sent.inc_by(heights.len() as u64);
+                    }
+                    write_frame(send, &frame).await?;
                 }
-                tokio::select! {
+                let push = tokio::select! {
                     biased;
                     frame = control.recv() => match frame {
-                        Some(Frame::Prune) => eager = false,
-                        Some(Frame::Graft { from, until }) => {
-                            eager = true;
-                            if self.wants(&from.author, &from.log) {
-                                let key = (from.author, from.log);
-                                let next = self
-                                    .send_log(store, &key, from.next_seq, until, send)
-                                    .await?;
-                                let sent_to = sent.entry(key).or_insert(0);
-                                *sent_to = (*sent_to).max(next);
-                            }
-                        }
-                        Some(other) => return Err(format!("unexpected frame from the subscriber: {other:?}")),
-                        None => std::future::pending::<()>().await,
+                        Some(frame) => pusher.control(frame).map_err(|err| err.to_string())?,
+                        None => std::future::pending().await,
                     },
-                    event = events.recv() => {
-                        let op = match event {
-                            Ok(op) => op,
-                            Err(RecvError::Lagged(_)) => {
-                                self.catch_up(store, &mut sent, send).await?;
+                    event = events.recv() => match event {
+                        Ok(op) => match pusher.stored(&op.author(), op.log(), op.seq()) {
+                            Push::Send => {
+                                self.send_operation(send, &op).await?;
                                 continue;
                             }
-                            Err(RecvError::Closed) => return Err("store closed".to_string()),
-                        };
-                        let author = op.author();
-                        if !self.wants(&author, op.log()) {
+                            other => other,
+                        },
+                        Err(RecvError::Lagged(_)) => {
+                            self.catch_up(store, &mut pusher, send).await?;
                             continue;
                         }
-                        let key = (author, op.log().clone());
-                        let next = *sent
-                            .entry(key.clone())
-                            .or_insert_with(|| self.heights.start_of(&author, op.log()));
-                        if op.seq() < next {
-                            continue;
-                        }
-                        if !eager {
-                            // The subscriber gets bodies elsewhere: tell it we have this one.
-                            announce.push(LogHeight {
-                                author,
-                                log: op.log().clone(),
-                                next_seq: op.seq() + 1,
-                            });
-                            sent.insert(key, op.seq() + 1);
-                        } else if op.seq() == next {
-                            self.send_operation(send, &op).await?;
-                            sent.insert(key, next + 1);
-                        } else {
-                            let next = self.send_log(store, &key, next, op.seq() + 1, send).await?;
-                            sent.insert(key, next);
-                        }
-                    }
+                        Err(RecvError::Closed) => return Err("store closed".to_string()),
+                    },
+                };
+                if let Push::Range {
+                    author,
+                    log,
+                    from,
+                    until,
+                } = push
+                {
+                    let key = (author, log);
+                    let next = self.send_log(store, &key, from, until, send).await?;
+                    pusher.sent_to(&key.0, &key.1, next);
                 }
             }
         };
         tokio::select! {
             result = reader => result,
-            result = pusher => result,
+            result = pusher_loop => result,
         }
     }
 
@@ -323,21 +288,18 @@ impl Session<'_> {
     async fn catch_up(
         &self,
         store: &Store,
-        sent: &mut HashMap<LogKey, u64>,
+        pusher: &mut Pusher,
         send: &mut SendStream,
     ) -> Result<(), String> {
         let logs = store.logs().await.map_err(|err| err.to_string())?;
         for log in logs {
-            if !self.wants(&log.author, &log.log) {
+            if !pusher.wants(&log.author, &log.log) {
                 continue;
             }
-            let key = (log.author, log.log.clone());
-            let from = sent
-                .get(&key)
-                .copied()
-                .unwrap_or_else(|| self.heights.start_of(&log.author, &log.log));
+            let from = pusher.start_of(&log.author, &log.log);
+            let key = (log.author, log.log);
             let next = self.send_log(store, &key, from, log.next_seq, send).await?;
-            sent.insert(key, next);
+            pusher.sent_to(&key.0, &key.1, next);
         }
         Ok(())
     }
