@@ -609,6 +609,101 @@ impl Pusher {
     }
 }
 
+/// Ranges a node grafted recently, shared by all its sessions: per log, the end of the range
+/// last asked for and when. An operation announced by several sessions is asked for once.
+pub type RecentGrafts = HashMap<(PublicKey, LogId), (u64, std::time::Instant)>;
+
+/// The subscribing side of a live session, without I/O: whether the session still gets
+/// bodies, and which announced operations to ask for because they did not arrive from
+/// elsewhere within the graft timeout.
+#[derive(Debug)]
+pub struct Subscriber {
+    eager: bool,
+    graft_timeout: std::time::Duration,
+    /// Announced log heights, with when to graft them if still missing (in arrival order, so
+    /// in deadline order).
+    awaited: std::collections::VecDeque<(std::time::Instant, LogHeight)>,
+}
+
+impl Subscriber {
+    pub fn new(graft_timeout: std::time::Duration) -> Self {
+        Self {
+            eager: true,
+            graft_timeout,
+            awaited: Default::default(),
+        }
+    }
+
+    pub fn is_eager(&self) -> bool {
+        self.eager
+    }
+
+    /// True when a batch with `duplicates` copies of stored operations should prune this
+    /// session (the driver also makes sure another session stays eager, then calls
+    /// [`Subscriber::prune`]).
+    pub fn should_prune(&self, duplicates: u64) -> bool {
+        self.eager && duplicates > 0
+    }
+
+    /// The frame that prunes the session.
+    pub fn prune(&mut self) -> Frame {
+        self.eager = false;
+        Frame::Prune
+    }
+
+    /// The server announced these heights.
+    pub fn announced(&mut self, heights: Vec<LogHeight>, now: std::time::Instant) {
+        let at = now + self.graft_timeout;
+        self.awaited
+            .extend(heights.into_iter().map(|height| (at, height)));
+    }
+
+    /// When [`Subscriber::due`] has something to decide.
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.awaited.front().map(|(at, _)| *at)
+    }
+
+    /// The grafts for the announcements whose time is up, given how far the store has each
+    /// log (`have`) and what the node's sessions grafted recently (`recent`, updated). Any
+    /// graft makes the session eager again.
+    pub fn due(
+        &mut self,
+        now: std::time::Instant,
+        have: impl Fn(&PublicKey, &LogId) -> u64,
+        recent: &mut RecentGrafts,
+    ) -> Vec<Frame> {
+        let timeout = self.graft_timeout;
+        recent.retain(|_, (_, at)| now.duration_since(*at) < timeout);
+        let mut grafts = Vec::new();
+        while let Some((at, _)) = self.awaited.front() {
+            if *at > now {
+                break;
+            }
+            let (_, height) = self.awaited.pop_front().expect("checked above");
+            let key = (height.author, height.log.clone());
+            let stored = have(&height.author, &height.log);
+            // What a session asked for recently is on its way.
+            let from = recent
+                .get(&key)
+                .map_or(stored, |(until, _)| stored.max(*until));
+            if from >= height.next_seq {
+                continue;
+            }
+            recent.insert(key, (height.next_seq, now));
+            self.eager = true;
+            grafts.push(Frame::Graft {
+                from: LogHeight {
+                    author: height.author,
+                    log: height.log,
+                    next_seq: from,
+                },
+                until: height.next_seq,
+            });
+        }
+        grafts
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -928,6 +1023,54 @@ mod tests {
         assert!(pusher.is_eager());
         assert_eq!(pusher.stored(&author, &log, 3), Push::Send);
         assert!(pusher.control(Frame::CaughtUp).is_err());
+    }
+
+    #[test]
+    fn a_subscriber_grafts_what_did_not_arrive_in_time_once_across_sessions() {
+        use std::time::{Duration, Instant};
+        let author = PrivateKey::generate().public_key();
+        let log = LogId::Message("a.b".into());
+        let height = |next_seq| LogHeight {
+            author,
+            log: log.clone(),
+            next_seq,
+        };
+        let timeout = Duration::from_secs(1);
+        let start = Instant::now();
+        let mut first = Subscriber::new(timeout);
+        let mut second = Subscriber::new(timeout);
+        assert!(!first.should_prune(0));
+        assert!(first.should_prune(3));
+        assert_eq!(first.prune(), Frame::Prune);
+        assert!(!first.is_eager() && !first.should_prune(3));
+
+        first.announced(vec![height(5)], start);
+        second.announced(vec![height(5)], start);
+        let mut recent = RecentGrafts::new();
+        assert!(
+            first.due(start, |_, _| 2, &mut recent).is_empty(),
+            "not yet"
+        );
+        assert_eq!(first.next_deadline(), Some(start + timeout));
+        let later = start + timeout;
+        assert_eq!(
+            first.due(later, |_, _| 2, &mut recent),
+            vec![Frame::Graft {
+                from: height(2),
+                until: 5
+            }]
+        );
+        assert!(first.is_eager(), "a graft makes the session eager");
+        // The other session's announcement of the same range: already asked for.
+        assert!(second.due(later, |_, _| 2, &mut recent).is_empty());
+        // What arrived meanwhile is not asked for.
+        second.announced(vec![height(4)], later);
+        assert!(
+            second
+                .due(later + timeout * 2, |_, _| 4, &mut recent)
+                .is_empty()
+        );
+        assert_eq!(second.next_deadline(), None);
     }
 
     proptest! {

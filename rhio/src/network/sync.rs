@@ -22,7 +22,6 @@
 //! storing it; anything else is rejected with a reason in the log and in
 //! `rhio_operations_rejected_total{reason}`, and the session goes on.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,9 @@ use p2panda_net::utils::to_verifying_key;
 use rhio_core::identity::PublicKey;
 use rhio_core::message::RoutedMessage;
 use rhio_core::operation::{LogId, SignedOperation};
-use rhio_core::sync::{Frame, Heights, LogHeight, Push, Pusher, RequestReader, SyncRequest};
+use rhio_core::sync::{
+    Frame, Heights, LogHeight, Push, Pusher, RecentGrafts, RequestReader, Subscriber, SyncRequest,
+};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -388,8 +389,8 @@ pub struct SyncClient {
     pub grafts: Grafts,
 }
 
-/// Per log: the end of the range last grafted, and when.
-pub type Grafts = Arc<std::sync::Mutex<HashMap<LogKey, (u64, tokio::time::Instant)>>>;
+/// Ranges the node's sessions grafted recently (see [`RecentGrafts`]).
+pub type Grafts = Arc<std::sync::Mutex<RecentGrafts>>;
 
 /// Counts a session as eager while it lives and is not pruned.
 struct EagerGuard<'a> {
@@ -546,12 +547,12 @@ impl SyncClient {
         };
         let processor = async {
             let mut eager = EagerGuard::new(&self.eager_sessions);
-            // Announced operations not here yet, with when to graft them.
-            let mut awaited: std::collections::VecDeque<(tokio::time::Instant, LogHeight)> =
-                Default::default();
+            let mut subscriber = Subscriber::new(GRAFT_TIMEOUT);
             let mut batch = Vec::with_capacity(VERIFY_BATCH);
             loop {
-                let deadline = awaited.front().map(|(at, _)| *at);
+                let deadline = subscriber
+                    .next_deadline()
+                    .map(tokio::time::Instant::from_std);
                 tokio::select! {
                     received = frames.recv_many(&mut batch, VERIFY_BATCH) => {
                         if received == 0 {
@@ -559,50 +560,31 @@ impl SyncClient {
                         }
                         let (duplicates, announced) =
                             self.process(std::mem::take(&mut batch)).await?;
-                        if duplicates > 0 && eager.try_prune() {
+                        if subscriber.should_prune(duplicates) && eager.try_prune() {
                             // Another session delivers these: announcements are enough here.
                             self.metrics.sync_prunes.inc();
                             tracing::debug!(peer = %self.peer, "pruned: operations come from another session first");
-                            let _ = control_tx.send(Frame::Prune).await;
+                            let _ = control_tx.send(subscriber.prune()).await;
                         }
-                        let at = tokio::time::Instant::now() + GRAFT_TIMEOUT;
-                        awaited.extend(announced.into_iter().map(|height| (at, height)));
+                        subscriber.announced(announced, std::time::Instant::now());
                     }
                     _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                        let now = tokio::time::Instant::now();
-                        while let Some((at, height)) = awaited.front() {
-                            if *at > now {
-                                break;
+                        let grafts = {
+                            let mut recent = self.grafts.lock().expect("grafts lock");
+                            subscriber.due(
+                                std::time::Instant::now(),
+                                |author, log| self.store.next_seq(author, log),
+                                &mut recent,
+                            )
+                        };
+                        for graft in grafts {
+                            // Announced, and not here from elsewhere in time: from here, eagerly.
+                            self.metrics.sync_grafts.inc();
+                            if let Frame::Graft { from, until } = &graft {
+                                tracing::debug!(peer = %self.peer, author = %from.author, log = %from.log.name(), from = from.next_seq, until, "grafting announced operations");
                             }
-                            let key = (height.author, height.log.clone());
-                            let have = self.store.next_seq(&height.author, &height.log);
-                            // What a session asked for recently is on its way.
-                            let from = {
-                                let mut grafts = self.grafts.lock().expect("grafts lock");
-                                grafts.retain(|_, (_, at)| now.duration_since(*at) < GRAFT_TIMEOUT);
-                                let from = grafts.get(&key).map_or(have, |(until, _)| have.max(*until));
-                                if from < height.next_seq {
-                                    grafts.insert(key, (height.next_seq, now));
-                                }
-                                from
-                            };
-                            if from < height.next_seq {
-                                // It did not come from elsewhere in time: from here, eagerly.
-                                self.metrics.sync_grafts.inc();
-                                tracing::debug!(peer = %self.peer, author = %height.author, log = %height.log.name(), from, until = height.next_seq, "grafting announced operations");
-                                eager.graft();
-                                let _ = control_tx
-                                    .send(Frame::Graft {
-                                        from: LogHeight {
-                                            author: height.author,
-                                            log: height.log.clone(),
-                                            next_seq: from,
-                                        },
-                                        until: height.next_seq,
-                                    })
-                                    .await;
-                            }
-                            awaited.pop_front();
+                            eager.graft();
+                            let _ = control_tx.send(graft).await;
                         }
                     }
                 }
