@@ -886,6 +886,102 @@ mod tests {
         assert_eq!(read[0].hash, ops[1].hash);
     }
 
+    /// The store schema of the previous release (session 4, commit 1571f63), frozen here: a
+    /// data directory it wrote must open in this release and its logs go on. Change the store's
+    /// schema only with a migration that keeps this test green.
+    const PREVIOUS_RELEASE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS operations (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    header BLOB NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (author, log, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    next_seq INTEGER NOT NULL,
+    last_hash BLOB NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (author, log)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    author BLOB NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at_micros INTEGER NOT NULL,
+    PRIMARY KEY (author, log, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbound_cursors (
+    stream TEXT PRIMARY KEY,
+    last_stream_seq INTEGER NOT NULL
+);
+";
+
+    #[tokio::test]
+    async fn a_store_written_by_the_previous_release_opens_and_its_logs_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rhio.sqlite");
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new()
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::raw_sql(PREVIOUS_RELEASE_SCHEMA)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let author = PrivateKey::generate();
+        let ops = remote_chain(&author, "old.log", 3);
+        for op in &ops[..2] {
+            sqlx::query(
+                "INSERT INTO operations (author, log, seq, hash, header, body) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(op.author().as_bytes().to_vec())
+            .bind(op.log().to_key())
+            .bind(op.seq() as i64)
+            .bind(op.hash.as_bytes().to_vec())
+            .bind(op.header_bytes.clone())
+            .bind(op.body.clone())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO logs (author, log, next_seq, last_hash, delivered_seq) VALUES (?, ?, 2, ?, 1)",
+        )
+        .bind(author.public_key().as_bytes().to_vec())
+        .bind(ops[0].log().to_key())
+        .bind(ops[1].hash.as_bytes().to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = Store::open(&path, PrivateKey::generate()).await.unwrap();
+        let logs = store.logs().await.unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!((logs[0].next_seq, logs[0].delivered_seq), (2, 1));
+        assert_eq!(store.next_seq(&author.public_key(), ops[0].log()), 2);
+        let outcomes = store.insert_remote(vec![ops[2].clone()]).await.unwrap();
+        assert_eq!(outcomes, vec![InsertOutcome::Stored], "the chain continues");
+        let stored = store
+            .operations(&author.public_key(), ops[0].log(), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.iter().map(|op| op.hash).collect::<Vec<_>>(),
+            ops.iter().map(|op| op.hash).collect::<Vec<_>>()
+        );
+    }
+
     #[tokio::test]
     async fn pruning_keeps_the_newest_operations_and_the_log_going_on() {
         let dir = tempfile::tempdir().unwrap();
