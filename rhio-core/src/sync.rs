@@ -323,14 +323,7 @@ impl Frame {
     pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
         let (&kind, content) = frame.split_first().ok_or(FrameError::Truncated)?;
         match kind {
-            KIND_REQUEST => {
-                if content.len() > MAX_REQUEST_BYTES {
-                    return Err(FrameError::TooLarge(content.len()));
-                }
-                ciborium::from_reader(content)
-                    .map(Frame::Request)
-                    .map_err(|err| FrameError::BadRequest(err.to_string()))
-            }
+            KIND_REQUEST => decode_cbor(content).map(Frame::Request),
             KIND_OPERATION => {
                 let (length, rest) = content
                     .split_first_chunk::<4>()
@@ -345,33 +338,25 @@ impl Frame {
                     body: body.to_vec(),
                 })
             }
-            KIND_HAVE => {
-                if content.len() > MAX_REQUEST_BYTES {
-                    return Err(FrameError::TooLarge(content.len()));
-                }
-                ciborium::from_reader(content)
-                    .map(|(heights, more)| Frame::Have { heights, more })
-                    .map_err(|err| FrameError::BadRequest(err.to_string()))
-            }
-            KIND_PRUNE if content.is_empty() => Ok(Frame::Prune),
-            KIND_GRAFT => ciborium::from_reader(content)
-                .map(|(from, until)| Frame::Graft { from, until })
-                .map_err(|err| FrameError::BadRequest(err.to_string())),
-            KIND_ANNOUNCE => {
-                if content.len() > MAX_REQUEST_BYTES {
-                    return Err(FrameError::TooLarge(content.len()));
-                }
-                ciborium::from_reader(content)
-                    .map(Frame::Announce)
-                    .map_err(|err| FrameError::BadRequest(err.to_string()))
-            }
-            KIND_CAUGHT_UP if content.is_empty() => Ok(Frame::CaughtUp),
-            KIND_CAUGHT_UP => Err(FrameError::BadRequest(
-                "caught-up frame with content".into(),
+            KIND_HAVE => decode_cbor(content).map(|(heights, more)| Frame::Have { heights, more }),
+            KIND_GRAFT => decode_cbor(content).map(|(from, until)| Frame::Graft { from, until }),
+            KIND_ANNOUNCE => decode_cbor(content).map(Frame::Announce),
+            KIND_CAUGHT_UP | KIND_PRUNE if !content.is_empty() => Err(FrameError::BadRequest(
+                "caught-up or prune frame with content".into(),
             )),
+            KIND_CAUGHT_UP => Ok(Frame::CaughtUp),
+            KIND_PRUNE => Ok(Frame::Prune),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
+}
+
+/// Decodes the CBOR content of a request-like frame (request, height page, graft, announcement).
+fn decode_cbor<T: serde::de::DeserializeOwned>(content: &[u8]) -> Result<T, FrameError> {
+    if content.len() > MAX_REQUEST_BYTES {
+        return Err(FrameError::TooLarge(content.len()));
+    }
+    ciborium::from_reader(content).map_err(|err| FrameError::BadRequest(err.to_string()))
 }
 
 /// Holds operations that arrived before their predecessors until the gap is filled.

@@ -2017,10 +2017,7 @@ async fn federation_clusters(
         for topology in ["line", "mesh"] {
             let env = LocalEnv::up(n);
             let dir = tempfile::tempdir().unwrap();
-            let mut specs: Vec<NodeSpec> = (0..n)
-                .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
-                .collect();
-            let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
+            let (mut specs, keys) = common::cluster_specs(&env, dir.path());
             let links: Vec<(usize, usize)> = match topology {
                 "line" => (0..n - 1)
                     .map(|i| (i, i + 1))
@@ -2030,10 +2027,7 @@ async fn federation_clusters(
                     .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
                     .collect(),
             };
-            for (from, to) in links {
-                let port = specs[to].quic_port;
-                specs[from].known_nodes.push((keys[to].clone(), port));
-            }
+            common::bootstrap(&mut specs, &keys, &links);
             for spec in &mut specs {
                 spec.extra_network = format!("members = {keys:?}\n");
             }

@@ -181,7 +181,10 @@ impl StatusSource {
             uptime_secs: inner.started.elapsed().as_secs(),
             nats,
             s3,
-            network: inner.network.status(),
+            network: NetworkStatus {
+                neighbours: nodes.iter().filter(|peer| peer.neighbour).count(),
+                ..inner.network.status()
+            },
             peers: PeersStatus {
                 known: nodes.len(),
                 connected,

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    LocalEnv, NodeSpec, RhioNode, assert_routed, js_publish, make_parquet, metric, metric_present,
-    numbered, publish_toml, runtime, s3_object, stream_messages, subscribe_toml, wait_for,
+    Cluster, LocalEnv, NodeSpec, RhioNode, assert_routed, bootstrap, cluster_specs, js_publish,
+    make_parquet, metric, metric_present, numbered, publish_toml, runtime, s3_key_of, s3_object,
+    stream_messages, subscribe_toml, wait_for,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -20,11 +21,39 @@ fn write_members(path: &Path, keys: &[&String]) {
 }
 
 fn stream_count(nats_url: &str, stream: &str) -> u64 {
-    runtime().block_on(async {
-        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
-        let mut stream = js.get_stream(stream).await.expect("stream exists");
-        stream.info().await.unwrap().state.messages
-    })
+    runtime().block_on(common::stream_count(nats_url, stream))
+}
+
+/// One spec per cluster of `env` with the bootstrap `links`, the `[network]` lines `network`,
+/// and cluster 1 publishing `fed.>` and importing from `root`.
+fn federation_specs(
+    env: &LocalEnv,
+    dir: &Path,
+    root: &Path,
+    links: &[(usize, usize)],
+    network: impl Fn(&[String]) -> String,
+) -> (Vec<NodeSpec>, Vec<String>) {
+    let (mut specs, keys) = cluster_specs(env, dir);
+    bootstrap(&mut specs, &keys, links);
+    let network = network(&keys);
+    for spec in &mut specs {
+        spec.extra_network = network.clone();
+    }
+    specs[0].import_roots = vec![root.to_path_buf()];
+    specs[0].extra = publish_toml(&["fed.>"], "OUT");
+    (specs, keys)
+}
+
+/// Waits for the dataset's announcement in `cluster` and returns the bytes of the copy it
+/// points at.
+fn replicated(cluster: &Cluster) -> Vec<u8> {
+    let rt = runtime();
+    let announced = rt.block_on(stream_messages(&cluster.nats_url, "DATASETS", 1, WAIT));
+    let summary: serde_json::Value = serde_json::from_slice(&announced[0].payload).unwrap();
+    rt.block_on(s3_object(
+        cluster,
+        &s3_key_of(summary["location"].as_str().unwrap()),
+    ))
 }
 
 fn received(node: &RhioNode) -> f64 {
@@ -37,28 +66,14 @@ fn received(node: &RhioNode) -> f64 {
 fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
     let env = LocalEnv::up(6);
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("import");
-    std::fs::create_dir_all(&root).unwrap();
+    let (_root_dir, root) = common::import_root();
     let members_file = dir.path().join("members.txt");
-    let mut specs: Vec<NodeSpec> = (0..6)
-        .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
-        .collect();
-    let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
-    write_members(&members_file, &keys[..4].iter().collect::<Vec<_>>());
-    let members_toml = format!(
-        "members_file = \"{}\"\n",
-        members_file.display().to_string().replace('\\', "\\\\")
-    );
     // Bootstrap: 1 -> 2, 2 -> 3, 3 -> 4, 4 -> 3; the stranger knows 2; the late joiner knows 3.
-    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 2), (4, 1), (5, 2)] {
-        let port = specs[to].quic_port;
-        specs[from].known_nodes.push((keys[to].clone(), port));
-    }
-    for spec in &mut specs {
-        spec.extra_network = members_toml.clone();
-    }
-    specs[0].import_roots = vec![root.clone()];
-    specs[0].extra = publish_toml(&["fed.>"], "OUT");
+    let links = [(0, 1), (1, 2), (2, 3), (3, 2), (4, 1), (5, 2)];
+    let (mut specs, keys) = federation_specs(&env, dir.path(), &root, &links, |_| {
+        format!("members_file = {:?}\n", members_file.display().to_string())
+    });
+    write_members(&members_file, &keys[..4].iter().collect::<Vec<_>>());
     let subscriber = subscribe_toml(&keys[0], &["fed.>"], "IN")
         + &subscribe_toml(&keys[0], &["datasets.>"], "DATASETS");
     specs[3].extra = subscriber.clone();
@@ -93,19 +108,7 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
         &file,
         "weather",
     ));
-    let announced = rt.block_on(stream_messages(
-        &env.clusters[3].nats_url,
-        "DATASETS",
-        1,
-        WAIT,
-    ));
-    let summary: serde_json::Value = serde_json::from_slice(&announced[0].payload).unwrap();
-    let location = summary["location"].as_str().unwrap();
-    let (_bucket, key) = location
-        .strip_prefix("s3://")
-        .and_then(|rest| rest.split_once('/'))
-        .unwrap_or_else(|| panic!("location {location}"));
-    let copy = rt.block_on(s3_object(&env.clusters[3], key));
+    let copy = replicated(&env.clusters[3]);
     assert_eq!(copy, std::fs::read(&file).unwrap(), "byte-identical copy");
     let file_len = copy.len() as f64;
     assert!(metric(&nodes[0], "rhio_blob_bytes_served_total") >= file_len);
@@ -196,13 +199,7 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
     let at_late = rt.block_on(stream_messages(&env.clusters[5].nats_url, "IN", 150, WAIT));
     let expected: Vec<_> = (0..150).map(|i| ("fed.a".to_string(), i)).collect();
     assert_routed(&at_late, &keys[0], &expected);
-    rt.block_on(stream_messages(
-        &env.clusters[5].nats_url,
-        "DATASETS",
-        1,
-        WAIT,
-    ));
-    let copy = rt.block_on(s3_object(&env.clusters[5], key));
+    let copy = replicated(&env.clusters[5]);
     assert_eq!(
         copy,
         std::fs::read(&file).unwrap(),
@@ -219,26 +216,12 @@ fn a_line_of_four_clusters_relays_discovers_repairs_and_admits_members_only() {
 fn eight_clusters_in_a_line_with_a_chord_deliver_exactly_once_and_a_late_ninth_catches_up() {
     let env = LocalEnv::up(9);
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("import");
-    std::fs::create_dir_all(&root).unwrap();
-    let mut specs: Vec<NodeSpec> = (0..9)
-        .map(|i| NodeSpec::for_cluster(&env.clusters[i], &dir.path().join(format!("n{i}"))))
-        .collect();
-    let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
-    let members_toml = format!("members = {keys:?}\n");
+    let (_root_dir, root) = common::import_root();
     let mut links: Vec<(usize, usize)> = (0..7).map(|i| (i, i + 1)).collect();
-    links.push((7, 6));
-    links.push((1, 5));
-    links.push((8, 4));
-    for (from, to) in links {
-        let port = specs[to].quic_port;
-        specs[from].known_nodes.push((keys[to].clone(), port));
-    }
-    for spec in &mut specs {
-        spec.extra_network = members_toml.clone();
-    }
-    specs[0].import_roots = vec![root.clone()];
-    specs[0].extra = publish_toml(&["fed.>"], "OUT");
+    links.extend([(7, 6), (1, 5), (8, 4)]);
+    let (mut specs, keys) = federation_specs(&env, dir.path(), &root, &links, |keys| {
+        format!("members = {keys:?}\n")
+    });
     let messages = subscribe_toml(&keys[0], &["fed.>"], "IN");
     let datasets = subscribe_toml(&keys[0], &["datasets.>"], "DATASETS");
     specs[3].extra = messages.clone();
@@ -294,19 +277,7 @@ fn eight_clusters_in_a_line_with_a_chord_deliver_exactly_once_and_a_late_ninth_c
         "weather",
     ));
     let original = std::fs::read(&file).unwrap();
-    let announced = rt.block_on(stream_messages(
-        &env.clusters[7].nats_url,
-        "DATASETS",
-        1,
-        WAIT,
-    ));
-    let summary: serde_json::Value = serde_json::from_slice(&announced[0].payload).unwrap();
-    let location = summary["location"].as_str().unwrap().to_string();
-    let (_bucket, key) = location
-        .strip_prefix("s3://")
-        .and_then(|rest| rest.split_once('/'))
-        .unwrap_or_else(|| panic!("location {location}"));
-    assert_eq!(rt.block_on(s3_object(&env.clusters[7], key)), original);
+    assert_eq!(replicated(&env.clusters[7]), original);
 
     // Two relays stop: delivery goes on through the repaired overlay; back, they catch up.
     nodes[2].kill();
@@ -338,13 +309,7 @@ fn eight_clusters_in_a_line_with_a_chord_deliver_exactly_once_and_a_late_ninth_c
     late.wait_healthy();
     let got = rt.block_on(stream_messages(&env.clusters[8].nats_url, "IN", 350, WAIT));
     assert_routed(&got, &keys[0], &expected);
-    rt.block_on(stream_messages(
-        &env.clusters[8].nats_url,
-        "DATASETS",
-        1,
-        WAIT,
-    ));
-    assert_eq!(rt.block_on(s3_object(&env.clusters[8], key)), original);
+    assert_eq!(replicated(&env.clusters[8]), original);
 }
 
 /// Six clusters in two network namespaces (three each, joined by one veth pair): the link goes
@@ -369,14 +334,9 @@ fn a_partition_of_six_clusters_three_and_three_heals_without_loss_or_duplicates(
     let keys: Vec<String> = specs.iter().map(NodeSpec::public_key).collect();
     // Inside a side: a line over loopback; across: the first node of each side knows the
     // other side's first node by its veth address.
+    bootstrap(&mut specs, &keys, &[(0, 1), (1, 2), (3, 4), (4, 5)]);
     for side in 0..2 {
         let base = side * 3;
-        for i in 0..2 {
-            let port = specs[base + i + 1].quic_port;
-            specs[base + i]
-                .known_nodes
-                .push((keys[base + i + 1].clone(), port));
-        }
         let other = (1 - side) * 3;
         let address = format!("{}:{}", addresses[1 - side], specs[other].quic_port);
         specs[base].known_addrs.push((keys[other].clone(), address));

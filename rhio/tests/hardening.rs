@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use common::{
-    LocalEnv, NodeSpec, RhioNode, header_pairs, js_publish, metric, publish_toml, runtime,
-    stream_messages, wait_for,
+    LocalEnv, NodeSpec, RhioNode, header_pairs, jetstream_of, js_publish, metric, publish_toml,
+    runtime, stream_messages, wait_for,
 };
 use rhio_core::message::{HEADER_MSG_ID, verify_provenance};
 
@@ -42,14 +42,6 @@ fn seqs_on(messages: &[jetstream::message::StreamMessage], subject: &str) -> Vec
             m.headers.get("Seq").unwrap().as_str().parse().unwrap()
         })
         .collect()
-}
-
-async fn jetstream_of(nats_url: &str) -> jetstream::Context {
-    jetstream::new(
-        async_nats::connect(nats_url)
-            .await
-            .expect("connect to NATS"),
-    )
 }
 
 /// Two clusters (see `common::pair`) whose stream IN in B the test creates itself with

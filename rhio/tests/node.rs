@@ -64,20 +64,11 @@ fn serves_health_metrics_and_status_then_stops_on_sigint() {
 #[test]
 fn warns_when_a_stream_captures_a_service_subject() {
     let env = LocalEnv::up(1);
-    runtime().block_on(async {
-        let js = async_nats::jetstream::new(
-            async_nats::connect(&env.clusters[0].nats_url)
-                .await
-                .unwrap(),
-        );
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "GREEDY".into(),
-            subjects: vec!["rhio.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    runtime().block_on(common::create_stream(
+        &env.clusters[0].nats_url,
+        "GREEDY",
+        &["rhio.>"],
+    ));
     let dir = tempfile::tempdir().unwrap();
     let node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
     node.wait_http();

@@ -92,19 +92,10 @@ fn s3_keys(cluster: &Cluster, prefix: &str) -> Vec<String> {
     })
 }
 
-/// The key of an `s3://bucket/key` location.
-fn key_of(location: &str) -> String {
-    location
-        .strip_prefix("s3://")
-        .and_then(|rest| rest.split_once('/'))
-        .map(|(_, key)| key.to_string())
-        .unwrap_or_else(|| panic!("location {location}"))
-}
-
 /// Checks that an announcement points at a byte-identical copy of `file` in `cluster`'s S3.
 fn assert_copy(cluster: &Cluster, announcement: &Value, file: &Path) {
     let location = announcement["location"].as_str().unwrap();
-    let copy = s3_get(cluster, &key_of(location));
+    let copy = s3_get(cluster, &common::s3_key_of(location));
     let original = std::fs::read(file).unwrap();
     assert_eq!(copy.len(), original.len(), "size of {location}");
     assert!(
@@ -246,7 +237,10 @@ fn rotten_local_row_groups_are_not_used_and_the_version_comes_from_peers() {
     import(&env.clusters[0], &v1, "rot");
     let got = announcements(&env.clusters[1], 1);
     // B's copy of v0 rots on disk; v1 shares its row groups.
-    let path = env.s3_object_path(1, &key_of(got[0].0["location"].as_str().unwrap()));
+    let path = env.s3_object_path(
+        1,
+        &common::s3_key_of(got[0].0["location"].as_str().unwrap()),
+    );
     let mut bytes = std::fs::read(&path).unwrap();
     for at in (500..bytes.len()).step_by(1 << 20) {
         bytes[at] ^= 0x01;
@@ -310,7 +304,7 @@ fn a_peer_serving_corrupt_bytes_is_detected_and_the_data_comes_from_an_honest_pe
     let [_node_a, _node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &file, "rot");
     let got = announcements(&env.clusters[1], 1);
-    let key = key_of(got[0].0["location"].as_str().unwrap());
+    let key = common::s3_key_of(got[0].0["location"].as_str().unwrap());
 
     // Rot in B's S3: one byte in every MiB of its copy.
     let path = env.s3_object_path(1, &key);

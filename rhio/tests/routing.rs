@@ -326,20 +326,11 @@ fn forged_tampered_and_unauthorized_operations_are_rejected() {
     });
 
     // Where a delivery of the relayed operation would show.
-    rt.block_on(async {
-        let js = async_nats::jetstream::new(
-            async_nats::connect(&env.clusters[0].nats_url)
-                .await
-                .unwrap(),
-        );
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "OTHER".into(),
-            subjects: vec!["other.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    rt.block_on(common::create_stream(
+        &env.clusters[0].nats_url,
+        "OTHER",
+        &["other.>"],
+    ));
     let node = RhioNode::start(spec);
     node.wait_healthy();
     let messages = rt.block_on(stream_messages(
@@ -369,15 +360,7 @@ fn forged_tampered_and_unauthorized_operations_are_rejected() {
     ));
     assert_eq!(again.len(), 2);
     assert!(node.log().contains("rejected operation"));
-    let relayed = rt.block_on(async {
-        let js = async_nats::jetstream::new(
-            async_nats::connect(&env.clusters[0].nats_url)
-                .await
-                .unwrap(),
-        );
-        let mut other = js.get_stream("OTHER").await.unwrap();
-        other.info().await.unwrap().state.messages
-    });
+    let relayed = rt.block_on(common::stream_count(&env.clusters[0].nats_url, "OTHER"));
     assert_eq!(relayed, 0, "a relayed message was delivered");
     assert!(
         metric(&node, "rhio_operations_received_total") >= 3.0,

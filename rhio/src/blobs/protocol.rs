@@ -357,15 +357,7 @@ impl bao_tree::io::sync::Size for &Window {
 impl ProtocolHandler for BlobServer {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let peer = PublicKey::from(to_verifying_key(connection.remote_id()));
-        if !self.members.contains(&peer) {
-            self.metrics
-                .blob_requests_refused
-                .get_or_create(&ReasonLabels {
-                    reason: "not_a_member",
-                })
-                .inc();
-            tracing::warn!(%peer, "blob request from a node that is not a member; refused");
-            connection.close(1u32.into(), b"not a member");
+        if !self.admits(&peer, &connection) {
             return Ok(());
         }
         let server = self.clone();
@@ -378,6 +370,22 @@ impl ProtocolHandler for BlobServer {
 }
 
 impl BlobServer {
+    /// True when `peer` is a member; otherwise counts the refusal and closes the connection.
+    fn admits(&self, peer: &PublicKey, connection: &Connection) -> bool {
+        if self.members.contains(peer) {
+            return true;
+        }
+        self.metrics
+            .blob_requests_refused
+            .get_or_create(&ReasonLabels {
+                reason: "not_a_member",
+            })
+            .inc();
+        tracing::warn!(%peer, "blob request from a node that is not a member; refused");
+        connection.close(1u32.into(), b"not a member");
+        false
+    }
+
     /// Answers the range requests of one connection, each stream in its own task.
     async fn serve_connection(&self, peer: PublicKey, connection: Connection) {
         let mut streams = tokio::task::JoinSet::new();
@@ -387,15 +395,7 @@ impl BlobServer {
                 Err(_) => break,
             };
             // A member removed while connected loses access with its next request.
-            if !self.members.contains(&peer) {
-                self.metrics
-                    .blob_requests_refused
-                    .get_or_create(&ReasonLabels {
-                        reason: "not_a_member",
-                    })
-                    .inc();
-                tracing::warn!(%peer, "no longer a member; blob connection closed");
-                connection.close(1u32.into(), b"not a member");
+            if !self.admits(&peer, &connection) {
                 break;
             }
             while streams.try_join_next().is_some() {}

@@ -50,7 +50,7 @@ pub struct NetworkStatus {
     /// Other members of the network (allowed to hold sessions and fetch blobs).
     #[serde(default)]
     pub members: usize,
-    /// Current overlay neighbours.
+    /// Current overlay neighbours that are members (filled by status from the peer list).
     #[serde(default)]
     pub neighbours: usize,
 }
@@ -143,11 +143,11 @@ impl PeerState {
 
 /// Peers and their liveness, shared by the probes, the sync sessions, the hello handler and
 /// status: the failure detector.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PeerTable {
     peers: Arc<Mutex<BTreeMap<PublicKey, PeerState>>>,
     suspect_after: Duration,
-    members: Option<members::Members>,
+    members: members::Members,
 }
 
 impl PeerTable {
@@ -166,7 +166,7 @@ impl PeerTable {
         Self {
             peers: Arc::new(Mutex::new(peers)),
             suspect_after,
-            members: Some(members),
+            members,
         }
     }
 
@@ -239,7 +239,7 @@ impl PeerTable {
 
     fn snapshot(&self) -> Vec<PeerStatus> {
         let suspect_after = self.suspect_after;
-        let members = self.members.clone();
+        let members = &self.members;
         self.with(|peers| {
             peers
                 .iter()
@@ -253,7 +253,7 @@ impl PeerTable {
                         known: state.known,
                         neighbour: state.neighbour,
                         sampled: state.sampled,
-                        member: members.as_ref().is_some_and(|m| m.contains(key)),
+                        member: members.contains(key),
                         rtt_ms: state.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
                         last_seen_secs_ago: state.last_seen.map(|t| t.elapsed().as_secs()),
                         failures: state.failures,
@@ -462,12 +462,7 @@ impl Network {
             network_id: self.network_name.clone(),
             bound_addresses: self.bound.iter().map(ToString::to_string).collect(),
             members: self.members.others().len(),
-            neighbours: self
-                .peers
-                .snapshot()
-                .iter()
-                .filter(|peer| peer.neighbour)
-                .count(),
+            neighbours: 0,
         }
     }
 

@@ -535,7 +535,6 @@ impl SyncClient {
             loop {
                 match read_frame(recv).await {
                     Ok(Some(frame)) => {
-                        self.peers.seen(&self.peer, None);
                         if frames_tx.send(frame).await.is_err() {
                             return Ok(());
                         }
@@ -558,6 +557,8 @@ impl SyncClient {
                         if received == 0 {
                             return Ok::<(), String>(());
                         }
+                        // Sync traffic is a sign of life (once per batch, not per frame).
+                        self.peers.seen(&self.peer, None);
                         let (duplicates, announced) =
                             self.process(std::mem::take(&mut batch)).await?;
                         if subscriber.should_prune(duplicates) && eager.try_prune() {

@@ -1065,3 +1065,64 @@ impl Drop for Netns {
         }
     }
 }
+
+/// A JetStream context on a cluster's NATS.
+pub async fn jetstream_of(nats_url: &str) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(
+        async_nats::connect(nats_url)
+            .await
+            .expect("connect to NATS"),
+    )
+}
+
+/// Creates a plain JetStream stream capturing `subjects`.
+pub async fn create_stream(nats_url: &str, name: &str, subjects: &[&str]) {
+    jetstream_of(nats_url)
+        .await
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|err| panic!("create stream {name}: {err}"));
+}
+
+/// How many messages a stream holds now (the stream must exist).
+pub async fn stream_count(nats_url: &str, name: &str) -> u64 {
+    let mut stream = jetstream_of(nats_url)
+        .await
+        .get_stream(name)
+        .await
+        .unwrap_or_else(|err| panic!("stream {name}: {err}"));
+    stream.info().await.unwrap().state.messages
+}
+
+/// The S3 key of an announcement's `s3://bucket/key` location.
+pub fn s3_key_of(location: &str) -> String {
+    location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, key)| key.to_string())
+        .unwrap_or_else(|| panic!("location {location}"))
+}
+
+/// One node spec per cluster of `env`, data under `dir/n<i>`, with their public keys.
+pub fn cluster_specs(env: &LocalEnv, dir: &Path) -> (Vec<NodeSpec>, Vec<String>) {
+    let specs: Vec<NodeSpec> = env
+        .clusters
+        .iter()
+        .enumerate()
+        .map(|(i, cluster)| NodeSpec::for_cluster(cluster, &dir.join(format!("n{i}"))))
+        .collect();
+    let keys = specs.iter().map(NodeSpec::public_key).collect();
+    (specs, keys)
+}
+
+/// Configures `specs[from]` with `specs[to]` as a known (bootstrap) node, for each link.
+pub fn bootstrap(specs: &mut [NodeSpec], keys: &[String], links: &[(usize, usize)]) {
+    for &(from, to) in links {
+        let port = specs[to].quic_port;
+        specs[from].known_nodes.push((keys[to].clone(), port));
+    }
+}
