@@ -134,10 +134,20 @@ def install(args):
 # ---------------------------------------------------------------- processes
 
 
+# Ports this process handed out. The kernel may give a released port again to the next
+# bind(0): two services of one environment on one port would let the second's readiness probe
+# succeed against the first (seen: an S3 endpoint that was a NATS monitor).
+_HANDED_OUT = set()
+
+
 def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def pid_alive(pid):
@@ -261,7 +271,7 @@ def service_command(name, svc, env_dir):
         return [
             svc["binary"], "--host", "127.0.0.1", "--port", str(svc["port"]),
             "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, str(data),
-        ], f"http://127.0.0.1:{svc['port']}/", {403, 200}
+        ], f"http://127.0.0.1:{svc['port']}/", {403}  # s3s-fs refuses anonymous listing
     if svc["kind"] == "registry":
         data.mkdir(parents=True, exist_ok=True)
         config = env_dir / f"{name}.yml"
@@ -395,6 +405,20 @@ def up(args):
     try:
         for name in state["services"]:
             start_service(env, state, name, keep_ports=False)
+        # A server that lost the race for its port exits at once, and its readiness probe may
+        # have been answered by whoever holds the port: only servers still running a moment
+        # later count; the others start again on new ports.
+        for _ in range(3):
+            time.sleep(0.3)
+            exited = [name for name, svc in state["services"].items() if not pid_alive(svc["pid"])]
+            if not exited:
+                break
+            for name in exited:
+                log(f"{name} exited after answering; starting it again on a new port")
+                new_ports(state["services"][name])
+                start_service(env, state, name, keep_ports=False)
+        else:
+            die("servers keep exiting after start; see the logs in " + str(env.dir / "logs"))
     except SystemExit:
         down_state(env, state)
         raise

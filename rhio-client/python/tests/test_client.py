@@ -32,10 +32,18 @@ def rhio_bin():
     return target / "debug" / "rhio"
 
 
+_HANDED_OUT = set()
+
+
 def free_port(kind):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port not handed out before in this run (the kernel may repeat a released one)."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(what, condition, timeout=WAIT):
