@@ -304,10 +304,7 @@ fn datasets_are_listed_and_fetched_verified_and_a_tampered_object_leaves_no_file
 
     // One flipped byte in B's copy: the fetch fails verification (exit 3) and leaves nothing.
     let key = version.location.strip_prefix("s3://rhio/").unwrap();
-    let object = env.s3_object_path(1, key);
-    let mut stored = std::fs::read(&object).unwrap();
-    stored[1000] ^= 0x01;
-    std::fs::write(&object, &stored).unwrap();
+    common::damage_object(&env.clusters[1], key, |stored| stored[1000] ^= 0x01);
     let tampered_dir = tmp.path().join("tampered");
     std::fs::create_dir_all(&tampered_dir).unwrap();
     let err = runtime()

@@ -236,16 +236,13 @@ fn rotten_local_row_groups_are_not_used_and_the_version_comes_from_peers() {
     let [_node_a, node_b] = start_healthy([&a, &b]);
     import(&env.clusters[0], &v1, "rot");
     let got = announcements(&env.clusters[1], 1);
-    // B's copy of v0 rots on disk; v1 shares its row groups.
-    let path = env.s3_object_path(
-        1,
-        &common::s3_key_of(got[0].0["location"].as_str().unwrap()),
-    );
-    let mut bytes = std::fs::read(&path).unwrap();
-    for at in (500..bytes.len()).step_by(1 << 20) {
-        bytes[at] ^= 0x01;
-    }
-    std::fs::write(&path, &bytes).unwrap();
+    // B's copy of v0 rots in its S3; v1 shares its row groups.
+    let key = common::s3_key_of(got[0].0["location"].as_str().unwrap());
+    common::damage_object(&env.clusters[1], &key, |bytes| {
+        for at in (500..bytes.len()).step_by(1 << 20) {
+            bytes[at] ^= 0x01;
+        }
+    });
 
     import(&env.clusters[0], &v2, "rot");
     let got = announcements(&env.clusters[1], 2);
@@ -307,12 +304,11 @@ fn a_peer_serving_corrupt_bytes_is_detected_and_the_data_comes_from_an_honest_pe
     let key = common::s3_key_of(got[0].0["location"].as_str().unwrap());
 
     // Rot in B's S3: one byte in every MiB of its copy.
-    let path = env.s3_object_path(1, &key);
-    let mut bytes = std::fs::read(&path).unwrap();
-    for at in (1000..bytes.len()).step_by(1 << 20) {
-        bytes[at] ^= 0x40;
-    }
-    std::fs::write(&path, &bytes).unwrap();
+    common::damage_object(&env.clusters[1], &key, |bytes| {
+        for at in (1000..bytes.len()).step_by(1 << 20) {
+            bytes[at] ^= 0x40;
+        }
+    });
 
     let node_c = RhioNode::start(c.clone());
     node_c.wait_http();

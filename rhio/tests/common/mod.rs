@@ -785,6 +785,23 @@ pub async fn s3_object(cluster: &Cluster, key: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// Damages the object `key` in `cluster`'s bucket through the S3 API (read, `damage`, write
+/// back), as bit rot or a careless tool would; works on every S3 store the tests run against.
+pub fn damage_object(cluster: &Cluster, key: &str, damage: impl FnOnce(&mut Vec<u8>)) {
+    runtime().block_on(async {
+        let mut bytes = s3_object(cluster, key).await;
+        damage(&mut bytes);
+        s3_client(cluster)
+            .put_object()
+            .bucket(&cluster.s3_bucket)
+            .key(key)
+            .body(bytes.into())
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("put {key}: {err:?}"));
+    });
+}
+
 /// Asks the node of the cluster at `nats_url` to import `path` (a local path or `s3://...`) as
 /// `dataset` through `rhio.import` and returns its reply, whether ok or an error.
 pub async fn rhio_import(nats_url: &str, path: &str, dataset: Option<&str>) -> Value {
