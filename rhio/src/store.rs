@@ -78,9 +78,16 @@ struct Head {
 
 enum WriteRequest {
     AppendLocal {
-        entries: Vec<(LogId, Vec<u8>)>,
+        entries: Vec<LocalEntry>,
         cursor: Option<(String, u64)>,
+        /// Fsync the commit (the operations are pushed only after it). Off for messages, whose
+        /// operations are deterministic: see [`Store::append_messages`].
+        durable: bool,
         reply: oneshot::Sender<Result<Vec<Arc<SignedOperation>>, StoreError>>,
+    },
+    /// Makes every commit so far durable (one fsync of the WAL, shared by all waiting).
+    Sync {
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     InsertRemote {
         ops: Vec<SignedOperation>,
@@ -157,7 +164,14 @@ CREATE TABLE IF NOT EXISTS outbound_cursors (
     stream TEXT PRIMARY KEY,
     last_stream_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS durability (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    syncs INTEGER NOT NULL
+);
 ";
+
+/// One operation to sign: its log, body and timestamp (`None`: now).
+type LocalEntry = (LogId, Vec<u8>, Option<u64>);
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -278,20 +292,65 @@ impl Store {
         self.events.subscribe()
     }
 
-    /// Signs and stores messages of this node, and records how far the outbound stream was read;
-    /// both in one transaction.
+    /// Signs and stores operations of this node (timestamped now), and records how far the
+    /// outbound stream was read; both in one transaction, fsynced before the operations are
+    /// pushed to peers, so a crash can never make this node sign a different operation at a
+    /// position a peer already has (a fork).
     pub async fn append_local(
         &self,
         entries: Vec<(LogId, Vec<u8>)>,
         cursor: Option<(String, u64)>,
     ) -> Result<Vec<Arc<SignedOperation>>, StoreError> {
+        let entries = entries.into_iter().map(|(log, body)| (log, body, None));
+        self.append(entries.collect(), cursor, true).await
+    }
+
+    /// Signs and stores messages read from the outbound stream up to `cursor`, each with the
+    /// timestamp JetStream gave it, in one transaction that is *not* fsynced: the operations are
+    /// pushed to peers at once, without waiting for the disk. Call [`Store::sync`] before acking
+    /// the messages.
+    ///
+    /// Why this cannot fork the log: the operations are a pure function of the stream (same
+    /// messages, same order, same timestamps; Ed25519 signatures are deterministic) and of the
+    /// log heads, which are committed with the cursor. A crash that takes commits not yet synced
+    /// takes the cursor back with them; the messages were not acked, so JetStream delivers them
+    /// again and signing them again gives byte-identical operations, which peers that already
+    /// have them drop as copies. (Only a stream that lost unacked messages meanwhile, or a
+    /// changed `[[publish]]` or NATS `max_payload`, would make the second signing differ; peers
+    /// would then refuse the differing operations as conflicts.)
+    pub async fn append_messages(
+        &self,
+        entries: Vec<(LogId, Vec<u8>, u64)>,
+        cursor: (String, u64),
+    ) -> Result<Vec<Arc<SignedOperation>>, StoreError> {
+        let entries = entries
+            .into_iter()
+            .map(|(log, body, at)| (log, body, Some(at)));
+        self.append(entries.collect(), Some(cursor), false).await
+    }
+
+    async fn append(
+        &self,
+        entries: Vec<LocalEntry>,
+        cursor: Option<(String, u64)>,
+        durable: bool,
+    ) -> Result<Vec<Arc<SignedOperation>>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(WriteRequest::AppendLocal {
             entries,
             cursor,
+            durable,
             reply,
         })
         .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Returns once every commit made before the call is on disk (group commit: one fsync for
+    /// every caller waiting at the time).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::Sync { reply }).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -501,6 +560,8 @@ enum Reply {
         Vec<InsertOutcome>,
     ),
     Flushed(oneshot::Sender<Result<(), StoreError>>),
+    /// Answered only once the commits are durable.
+    Synced(oneshot::Sender<Result<(), StoreError>>),
 }
 
 impl Reply {
@@ -509,7 +570,7 @@ impl Reply {
         match self {
             Reply::Local(reply, _) => drop(reply.send(Err(error()))),
             Reply::Remote(reply, _) => drop(reply.send(Err(error()))),
-            Reply::Flushed(reply) => drop(reply.send(Err(error()))),
+            Reply::Flushed(reply) | Reply::Synced(reply) => drop(reply.send(Err(error()))),
         }
     }
 }
@@ -555,11 +616,27 @@ impl Writer {
                         // No listener is fine: they rescan the store when they start.
                         let _ = self.events.send(op);
                     }
+                    let mut synced = Vec::new();
                     for reply in replies {
                         match reply {
                             Reply::Local(reply, ops) => drop(reply.send(Ok(ops))),
                             Reply::Remote(reply, outcomes) => drop(reply.send(Ok(outcomes))),
                             Reply::Flushed(reply) => drop(reply.send(Ok(()))),
+                            Reply::Synced(reply) => synced.push(reply),
+                        }
+                    }
+                    // After the operations went out: their fsync is off the delivery path.
+                    if !synced.is_empty() {
+                        let result = if self.full_sync {
+                            Ok(()) // that commit was fsynced already
+                        } else {
+                            self.sync_wal().await
+                        };
+                        for reply in synced {
+                            let _ =
+                                reply.send(result.as_ref().map(|_| ()).map_err(|err| {
+                                    StoreError::Corrupt(format!("sync failed: {err}"))
+                                }));
                         }
                     }
                 }
@@ -577,6 +654,20 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Fsyncs the WAL with a one-row write committed on a pool connection (`synchronous =
+    /// FULL`; a commit without a write would not touch the disk). Every earlier commit of the
+    /// writer is in the same WAL before it, so it is durable too; the writer's own connection
+    /// keeps its setting.
+    async fn sync_wal(&mut self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO durability (id, syncs) VALUES (0, 1)
+             ON CONFLICT (id) DO UPDATE SET syncs = syncs + 1",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn apply(
@@ -607,7 +698,7 @@ impl Writer {
         // the repeats). This keeps one fsync, not two, on the path of a routed message.
         let full_sync = requests
             .iter()
-            .any(|r| matches!(r, WriteRequest::AppendLocal { .. }));
+            .any(|r| matches!(r, WriteRequest::AppendLocal { durable: true, .. }));
         if full_sync != self.full_sync {
             let pragma = if full_sync {
                 "PRAGMA synchronous = FULL"
@@ -623,18 +714,19 @@ impl Writer {
                 WriteRequest::AppendLocal {
                     entries,
                     cursor,
+                    durable: _,
                     reply,
                 } => {
                     let author = self.key.public_key();
                     let mut ops = Vec::with_capacity(entries.len());
-                    for (log, body) in entries {
+                    for (log, body, at) in entries {
                         let head = self.head(&author, &log);
                         let op = SignedOperation::sign(
                             &self.key,
                             log,
                             head.next_seq,
                             head.last_hash,
-                            now_micros(),
+                            at.unwrap_or_else(now_micros),
                             body,
                         );
                         self.advance_head(&op);
@@ -663,6 +755,7 @@ impl Writer {
                     replies.push(Reply::Remote(reply, outcomes));
                 }
                 WriteRequest::Flush { reply } => replies.push(Reply::Flushed(reply)),
+                WriteRequest::Sync { reply } => replies.push(Reply::Synced(reply)),
                 WriteRequest::MarkDelivered {
                     updates,
                     dead_letters,
@@ -846,6 +939,77 @@ mod tests {
             ));
         }
         ops
+    }
+
+    /// Messages signed again after a crash took the unsynced commits (and the cursor with them)
+    /// become the same operations, however the batches fall: the log cannot fork.
+    #[tokio::test]
+    async fn messages_signed_again_are_the_same_operations() {
+        let key = PrivateKey::generate();
+        let dir = tempfile::tempdir().unwrap();
+        let messages: Vec<(LogId, Vec<u8>, u64)> = (0..10u64)
+            .map(|i| {
+                let subject = if i % 3 == 0 { "a.x" } else { "a.y" };
+                (
+                    LogId::Message(subject.into()),
+                    vec![i as u8; 50],
+                    1_700_000_000_000_000 + i,
+                )
+            })
+            .collect();
+        let first = Store::open(&dir.path().join("one.sqlite"), key.clone())
+            .await
+            .unwrap();
+        let once = first
+            .append_messages(messages.clone(), ("OUT".into(), 10))
+            .await
+            .unwrap();
+        first.sync().await.unwrap();
+        let again = Store::open(&dir.path().join("two.sqlite"), key.clone())
+            .await
+            .unwrap();
+        let mut twice = again
+            .append_messages(messages[..4].to_vec(), ("OUT".into(), 4))
+            .await
+            .unwrap();
+        twice.extend(
+            again
+                .append_messages(messages[4..].to_vec(), ("OUT".into(), 10))
+                .await
+                .unwrap(),
+        );
+        let hashes =
+            |ops: &[Arc<SignedOperation>]| ops.iter().map(|op| op.hash).collect::<Vec<_>>();
+        assert_eq!(hashes(&once), hashes(&twice));
+        assert_eq!(again.outbound_cursor("OUT").await.unwrap(), 10);
+    }
+
+    /// Unsynced commits are readable at once and durable after `sync`; syncs while nothing is
+    /// pending, and with a durable append in the same batch, succeed too.
+    #[tokio::test]
+    async fn sync_after_unsynced_commits() {
+        let key = PrivateKey::generate();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        let store = Store::open(&path, key.clone()).await.unwrap();
+        store.sync().await.unwrap();
+        let log = LogId::Message("a.x".into());
+        store
+            .append_messages(vec![(log.clone(), b"one".to_vec(), 1)], ("OUT".into(), 1))
+            .await
+            .unwrap();
+        assert_eq!(store.next_seq(&key.public_key(), &log), 1);
+        let (synced, durable) = tokio::join!(
+            store.sync(),
+            store.append_local(vec![(log.clone(), b"two".to_vec())], None)
+        );
+        synced.unwrap();
+        durable.unwrap();
+        store.sync().await.unwrap();
+        drop(store);
+        let store = Store::open(&path, key.clone()).await.unwrap();
+        assert_eq!(store.next_seq(&key.public_key(), &log), 2);
+        assert_eq!(store.outbound_cursor("OUT").await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -90,6 +90,62 @@ fn messages_up_to_the_nats_payload_limit_arrive() {
     assert_routed(&messages, &pair.key_a, &expected);
 }
 
+/// The signing node is killed (SIGKILL) in the middle of a burst, between pushing operations
+/// (committed, not yet fsynced or acked) and acking their messages, and started again: it signs
+/// the unacked messages again as the same operations, so the other cluster gets every message
+/// exactly once, in order, and refuses nothing as a conflict.
+#[test]
+fn a_signing_node_killed_mid_burst_resumes_without_forking_its_log() {
+    let pair = pair(&["burst.*"]);
+    let mut node_a = RhioNode::start(pair.a.clone());
+    let node_b = RhioNode::start(pair.b.clone());
+    node_b.wait_peers_connected(1);
+    let rt = runtime();
+    let a_nats = pair.env.clusters[0].nats_url.clone();
+    let b_nats = pair.env.clusters[1].nats_url.clone();
+    rt.block_on(js_publish(
+        &a_nats,
+        (0..3000).map(|i| numbered("burst.x", i, 512)),
+    ));
+    wait_for(
+        "B to receive part of the burst",
+        Duration::from_secs(60),
+        || {
+            let received = common::metric_present(&node_b, "rhio_operations_received_total")?;
+            (received >= 200.0).then_some(())
+        },
+    );
+    node_a.kill();
+    node_a = RhioNode::start(pair.a.clone());
+    node_a.wait_http();
+    let messages = rt.block_on(stream_messages(
+        &b_nats,
+        "IN",
+        3000,
+        Duration::from_secs(120),
+    ));
+    let expected: Vec<_> = (0..3000).map(|i| ("burst.x".to_string(), i)).collect();
+    assert_routed(&messages, &pair.key_a, &expected);
+    assert_eq!(
+        common::metric_present(
+            &node_b,
+            "rhio_operations_rejected_total{reason=\"conflict\"}"
+        ),
+        Some(0.0),
+        "{}",
+        node_b.log()
+    );
+    // Every message was acked in A once it was durably signed.
+    wait_for(
+        "A's consumer to have nothing pending",
+        Duration::from_secs(30),
+        || {
+            let pending = rt.block_on(common::consumer_pending(&a_nats, "OUT", "rhio-publish"));
+            (pending == 0).then_some(())
+        },
+    );
+}
+
 #[test]
 fn stopped_node_catches_up_and_receiving_nats_restart_loses_nothing() {
     let pair = pair(&["news.*"]);

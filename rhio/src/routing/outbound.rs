@@ -2,8 +2,9 @@
 //!
 //! A durable pull consumer (`rhio-publish`) reads the stream in order, starting right after the
 //! stream position stored with the last signed batch. Each batch of messages is signed into the
-//! node's per-subject logs and committed together with the position it reached; only then are
-//! the messages acked. After any failure or restart the consumer is recreated at the stored
+//! node's per-subject logs and committed together with the position it reached (pushed to peers
+//! at once), then fsynced (one fsync shared by whatever is waiting); only then are the messages
+//! acked. After any failure or restart the consumer is recreated at the stored
 //! position, so a message is neither skipped nor signed twice.
 //! Messages that already carry `X-Rhio-*` headers came from another cluster and are never signed
 //! again.
@@ -179,10 +180,13 @@ impl Publisher {
         let mut skipped_routed = 0;
         let max_payload = self.js.client().max_payload();
         for message in &messages {
-            let seq = message
+            let info = message
                 .info()
-                .map_err(|err| format!("message without JetStream metadata: {err}"))?
-                .stream_sequence;
+                .map_err(|err| format!("message without JetStream metadata: {err}"))?;
+            let seq = info.stream_sequence;
+            // The operation's timestamp is JetStream's, not the clock's: signing the same message
+            // again after a crash must give the same operation (see Store::append_messages).
+            let published = (info.published.unix_timestamp_nanos() / 1_000).max(0) as u64;
             if seq <= start {
                 continue; // signed before a crash, acked too late
             }
@@ -214,15 +218,17 @@ impl Publisher {
                 );
                 continue;
             }
-            entries.push((LogId::Message(subject), body));
+            entries.push((LogId::Message(subject), body, published));
         }
         let signed = entries.len();
         if signed > 0 || last_seq > start {
+            // Committed and pushed to peers now; on disk before the acks below.
             self.store
-                .append_local(entries, Some((self.route.stream.clone(), last_seq)))
+                .append_messages(entries, (self.route.stream.clone(), last_seq))
                 .await
                 .map_err(|err| err.to_string())?;
             *cursor = last_seq;
+            self.store.sync().await.map_err(|err| err.to_string())?;
         }
         self.metrics.operations_signed.inc_by(signed as u64);
         if skipped_routed > 0 {

@@ -1110,6 +1110,20 @@ pub async fn jetstream_of(nats_url: &str) -> async_nats::jetstream::Context {
     )
 }
 
+/// Messages of `stream` that the consumer `name` has not been sent or has not had acked yet.
+pub async fn consumer_pending(nats_url: &str, stream: &str, name: &str) -> u64 {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream_of(nats_url)
+        .await
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|err| panic!("stream {stream}: {err}"))
+        .get_consumer(name)
+        .await
+        .unwrap_or_else(|err| panic!("consumer {name}: {err}"));
+    let info = consumer.info().await.expect("consumer info");
+    info.num_pending + info.num_ack_pending as u64
+}
+
 /// Creates a plain JetStream stream capturing `subjects`.
 pub async fn create_stream(nats_url: &str, name: &str, subjects: &[&str]) {
     jetstream_of(nats_url)
