@@ -1641,26 +1641,21 @@ fn main() {
         let p = |runs: &[Vec<f64>], q: f64| median(runs.iter().map(|r| percentile(r, q)).collect());
         for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
             let r = p(&rhio_lat, q);
-            let b = p(&bridge_lat, q);
-            rows.push((
-                "messages".into(),
-                format!("latency {label} at 500 msg/s"),
-                format!("{r:.2} ms"),
-                format!("{b:.2} ms"),
-                format!("{:.2}x", r / b),
-            ));
-            results.insert(format!("latency_{label}_ms"), json!(r));
-            results.insert(format!("bridge_latency_{label}_ms"), json!(b));
-            let (tr, tb) = (p(&rhio_trickle, q), p(&bridge_trickle, q));
-            rows.push((
-                "messages".into(),
-                format!("latency {label} at 20 msg/s"),
-                format!("{tr:.2} ms"),
-                format!("{tb:.2} ms"),
-                format!("{:.2}x", tr / tb),
-            ));
-            results.insert(format!("trickle_latency_{label}_ms"), json!(tr));
-            results.insert(format!("bridge_trickle_latency_{label}_ms"), json!(tb));
+            for (rate, rhio_runs, bridge_runs, key) in [
+                (500, &rhio_lat, &bridge_lat, "latency"),
+                (20, &rhio_trickle, &bridge_trickle, "trickle_latency"),
+            ] {
+                let (rhio, bridge) = (p(rhio_runs, q), p(bridge_runs, q));
+                rows.push((
+                    "messages".into(),
+                    format!("latency {label} at {rate} msg/s"),
+                    format!("{rhio:.2} ms"),
+                    format!("{bridge:.2} ms"),
+                    format!("{:.2}x", rhio / bridge),
+                ));
+                results.insert(format!("{key}_{label}_ms"), json!(rhio));
+                results.insert(format!("bridge_{key}_{label}_ms"), json!(bridge));
+            }
             // The same probe while B replicated a dataset, against the idle figure of this run.
             let busy = percentile(&busy_latency, q);
             rows.push((

@@ -26,8 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 const WRITE_QUEUE: usize = 1024;
 /// Committed operations buffered for slow listeners before they must rescan the store. The
 /// ring keeps its operations until they are overwritten, whether read or not: 4,096 of 1 KiB
-/// messages are ~6 MiB held for good (16,384 kept node a 8 MiB above its import peak in the
-/// bench), and eight full commits of slack.
+/// messages are ~6 MiB held for good (16,384 were ~24 MiB), and eight full commits of slack.
 const EVENT_CAPACITY: usize = 4 * 1024;
 /// Operations held back while waiting for a predecessor, across all logs.
 const REORDER_CAPACITY: usize = 64 * 1024;

@@ -12,6 +12,24 @@ use common::{
 };
 
 /// Cluster A publishes `subjects` (stream OUT); cluster B subscribes to A on them (stream IN).
+/// Waits until B's stream `IN` holds messages 0..count on `subject`, and checks that they
+/// arrived exactly once, in order, with A's provenance.
+fn assert_all_routed(
+    rt: &tokio::runtime::Runtime,
+    pair: &common::Pair,
+    subject: &str,
+    count: usize,
+) {
+    let messages = rt.block_on(stream_messages(
+        &pair.env.clusters[1].nats_url,
+        "IN",
+        count as u64,
+        Duration::from_secs(120),
+    ));
+    let expected: Vec<_> = (0..count).map(|i| (subject.to_string(), i)).collect();
+    assert_routed(&messages, &pair.key_a, &expected);
+}
+
 fn pair(subjects: &[&str]) -> common::Pair {
     common::pair(subjects, subjects)
 }
@@ -90,10 +108,10 @@ fn messages_up_to_the_nats_payload_limit_arrive() {
     assert_routed(&messages, &pair.key_a, &expected);
 }
 
-/// The signing node is killed (SIGKILL) in the middle of a burst, between pushing operations
-/// (committed, not yet fsynced or acked) and acking their messages, and started again: it signs
-/// the unacked messages again as the same operations, so the other cluster gets every message
-/// exactly once, in order, and refuses nothing as a conflict.
+/// The signing node is killed (SIGKILL) in the middle of a burst, while it pushes operations
+/// before their messages are fsynced and acked, and started again: it resumes at its stored
+/// cursor and signs any unacked message again as the same operation, so the other cluster gets
+/// every message exactly once, in order, and refuses nothing as a conflict.
 #[test]
 fn a_signing_node_killed_mid_burst_resumes_without_forking_its_log() {
     let pair = pair(&["burst.*"]);
@@ -102,7 +120,6 @@ fn a_signing_node_killed_mid_burst_resumes_without_forking_its_log() {
     node_b.wait_peers_connected(1);
     let rt = runtime();
     let a_nats = pair.env.clusters[0].nats_url.clone();
-    let b_nats = pair.env.clusters[1].nats_url.clone();
     rt.block_on(js_publish(
         &a_nats,
         (0..3000).map(|i| numbered("burst.x", i, 512)),
@@ -118,14 +135,7 @@ fn a_signing_node_killed_mid_burst_resumes_without_forking_its_log() {
     node_a.kill();
     node_a = RhioNode::start(pair.a.clone());
     node_a.wait_http();
-    let messages = rt.block_on(stream_messages(
-        &b_nats,
-        "IN",
-        3000,
-        Duration::from_secs(120),
-    ));
-    let expected: Vec<_> = (0..3000).map(|i| ("burst.x".to_string(), i)).collect();
-    assert_routed(&messages, &pair.key_a, &expected);
+    assert_all_routed(&rt, &pair, "burst.x", 3000);
     assert_eq!(
         common::metric_present(
             &node_b,
@@ -172,14 +182,7 @@ fn stopped_node_catches_up_and_receiving_nats_restart_loses_nothing() {
         (metric(&node_a, "rhio_operations_signed_total") == 1010.0).then_some(())
     });
     let node_b = RhioNode::start(pair.b.clone());
-    let messages = rt.block_on(stream_messages(
-        &b_nats,
-        "IN",
-        1010,
-        Duration::from_secs(120),
-    ));
-    let expected: Vec<_> = (0..1010).map(|i| ("news.x".to_string(), i)).collect();
-    assert_routed(&messages, &pair.key_a, &expected);
+    assert_all_routed(&rt, &pair, "news.x", 1010);
 
     // B's NATS goes down while A publishes: B holds the operations and delivers them later.
     pair.env.stop("nats-b");
