@@ -92,11 +92,10 @@ def main():
     else:
         env["WT"] = str(ROOT / ".demo")
         Path(env["WT"]).mkdir(exist_ok=True)
-    # The cleanup blocks need what the steps set (PATH, WT): they get the first block too, which
-    # only sets variables and installs what is missing.
     code, seconds = run(steps, env, Path(env["WT"]) / "walkthrough.log")
     if mode == "test":
-        run(every[:1] + cleanup, env, Path(env["WT"]) / "cleanup.log")
+        # Cleanup needs only $WT (set here), so it runs even when the first steps failed.
+        run(cleanup, env, Path(env["WT"]) / "cleanup.log")
         if code != 0:
             sys.exit(f"walkthrough: a local block failed (exit {code}); work dir {env['WT']}")
         print(f"\nwalkthrough: {len(steps)} local blocks ran in {seconds:.0f} s; all passed")

@@ -629,16 +629,18 @@ impl Writer {
                     }
                     // After the operations went out: their fsync is off the delivery path.
                     if !synced.is_empty() {
-                        let result = if self.full_sync {
-                            Ok(()) // that commit was fsynced already
-                        } else {
-                            self.sync_wal().await
+                        // A durable append in this batch fsynced its commit already.
+                        let error = match self.full_sync {
+                            true => None,
+                            false => self.sync_wal().await.err().map(|err| err.to_string()),
                         };
                         for reply in synced {
-                            let _ =
-                                reply.send(result.as_ref().map(|_| ()).map_err(|err| {
-                                    StoreError::Corrupt(format!("sync failed: {err}"))
-                                }));
+                            let _ = reply.send(match &error {
+                                None => Ok(()),
+                                Some(err) => {
+                                    Err(StoreError::Corrupt(format!("sync failed: {err}")))
+                                }
+                            });
                         }
                     }
                 }

@@ -32,18 +32,9 @@ def rhio_bin():
     return target / "debug" / "rhio"
 
 
-_HANDED_OUT = set()
-
-
-def free_port(kind):
-    """A port not handed out before in this run (the kernel may repeat a released one)."""
-    while True:
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+# The environment's own port picker (never the same port twice in one run).
+sys.path.insert(0, str(ROOT / "dev"))
+from localenv import free_port  # noqa: E402
 
 
 def wait_for(what, condition, timeout=WAIT):
