@@ -6,6 +6,7 @@ endpoints to DIR/env (shell) and DIR/env.json, and stops exactly the processes i
 
     dev/localenv.py install
     dev/localenv.py up --dir DIR [--clusters 2] [--no-registry] [--registry-auth] [--owner-pid PID]
+                       [--s3-any-address]
     dev/localenv.py down --dir DIR
     dev/localenv.py stop  --dir DIR --service nats-a     # one service, keeps its port and data
     dev/localenv.py start --dir DIR --service nats-a
@@ -14,7 +15,9 @@ endpoints to DIR/env (shell) and DIR/env.json, and stops exactly the processes i
 The registry is anonymous; `--registry-auth` adds one (`registry-auth`) that uses the
 bearer-token flow of Harbor, with its token service (`token`, dev/token_service.py), and one
 (`registry-basic`) that asks for HTTP basic credentials (htpasswd), both with the users in
-REGISTRY_USERS.
+REGISTRY_USERS. `--s3-any-address` makes each S3 listen on every address instead of loopback
+only: for environments inside a network namespace whose S3 peers in other namespaces read (the
+bench's capped-link scenario); never use it outside one.
 
 A second `up` on a DIR whose servers still run is refused; different DIRs never share ports or
 data. With --owner-pid, a watchdog takes the environment down when that process exits (tests use
@@ -300,7 +303,7 @@ def service_command(name, svc, env_dir):
     if svc["kind"] == "s3":
         (data / BUCKET).mkdir(parents=True, exist_ok=True)
         return [
-            svc["binary"], "--host", "127.0.0.1", "--port", str(svc["port"]),
+            svc["binary"], "--host", svc.get("host", "127.0.0.1"), "--port", str(svc["port"]),
             "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, str(data),
         ], f"http://127.0.0.1:{svc['port']}/", {403}  # s3s-fs refuses anonymous listing
     if svc["kind"] == "garage":
@@ -316,7 +319,7 @@ def service_command(name, svc, env_dir):
             f'rpc_secret = "{hashlib.sha256(name.encode()).hexdigest()}"\n'
             "[s3_api]\n"
             's3_region = "us-east-1"\n'  # rhio's and the SDKs' default region
-            f'api_bind_addr = "127.0.0.1:{svc["port"]}"\n'
+            f'api_bind_addr = "{svc.get("host", "127.0.0.1")}:{svc["port"]}"\n'
             "[admin]\n"
             f'api_bind_addr = "127.0.0.1:{svc["admin_port"]}"\n'
             f'admin_token = "{SECRET_KEY}"\n'
@@ -460,7 +463,10 @@ def up(args):
     for cluster in clusters:
         state["services"][f"nats-{cluster}"] = {"kind": "nats", "binary": str(nats_server_bin())}
         kind = "garage" if S3_BACKEND == "garage" else "s3"
-        state["services"][f"s3-{cluster}"] = {"kind": kind, "binary": str(s3_bin())}
+        state["services"][f"s3-{cluster}"] = {
+            "kind": kind, "binary": str(s3_bin()),
+            "host": "0.0.0.0" if args.s3_any_address else "127.0.0.1",
+        }
     if not args.no_registry:
         state["services"]["registry"] = {"kind": "registry", "binary": str(registry_bin())}
     if args.registry_auth:
@@ -575,6 +581,10 @@ def main():
         help="also a registry with Harbor's token auth and one with HTTP basic auth",
     )
     p.add_argument("--owner-pid", type=int)
+    p.add_argument(
+        "--s3-any-address", action="store_true",
+        help="S3 listens on every address (inside a network namespace only)",
+    )
     p.set_defaults(func=up)
     for name, func in [("down", down), ("status", status)]:
         p = sub.add_parser(name)

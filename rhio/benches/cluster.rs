@@ -13,13 +13,16 @@
 //!   until the mirror recorded it) against PyPI `oras` pushing the same file to the same registry;
 //! - client: `fetch` of a 1 GiB dataset (verified) against a boto3 download of the same object,
 //!   and Python's `read_dataset` against `pyarrow.parquet.read_table` of a local copy;
-//! - memory: peak RSS of each rhio node.
+//! - memory: peak RSS of each rhio node;
+//! - capped and scale: see `cluster/scale.rs`.
 //!
 //! `--quick` runs every scenario once with small sizes (under two minutes); `--json FILE` writes
 //! the results.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "cluster/scale.rs"]
+mod scale;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,9 +34,8 @@ use serde_json::{Value, json};
 
 struct Settings {
     quick: bool,
-    /// `--only <scenario>` (import, replication, messages, client, mirror, federation): run just
-    /// that one (and the
-    /// limits).
+    /// `--only <scenario>` (import, replication, messages, client, mirror, federation, capped,
+    /// scale): run just that one (and the limits).
     only: Option<String>,
     runs: usize,
     burst: usize,
@@ -94,6 +96,10 @@ fn goal(scenario: &str, measure: &str) -> &'static str {
     match (scenario, measure) {
         ("import", _) => ">= 0.9x",
         ("replication", m) if m.contains("dataset A -> B, verified") => ">= 1.0x",
+        ("replication", m) if m.contains("links capped") => ">= 1.3x",
+        // Worse than linear: the time per MiB grows with the file or with the row groups.
+        ("scale", m) if m.starts_with("replication time") => "<= 1.25x",
+        ("scale", m) if m.starts_with("peak RSS") => "<= 128 MiB",
         ("replication", m) if m.starts_with("appended version") => "<= 1.05",
         ("messages", m) if m.starts_with("sustained") => ">= 10,000 msg/s",
         ("messages", m) if m.starts_with("latency p50 at 500 msg/s") && !m.contains("during") => {
@@ -403,11 +409,13 @@ async fn s3_limits(cluster: &common::Cluster, bytes: usize) -> (f64, f64) {
 
 /// Waits until B announced `version` of `dataset`; returns the announcement.
 async fn announced(clusters: &Clusters, dataset: &str, version: u64) -> Value {
-    let js = jetstream::new(
-        async_nats::connect(&clusters.env.clusters[1].nats_url)
-            .await
-            .unwrap(),
-    );
+    announced_at(&clusters.env.clusters[1].nats_url, dataset, version).await
+}
+
+/// Waits until the cluster of `nats_url` announced `version` of `dataset`; returns the
+/// announcement.
+async fn announced_at(nats_url: &str, dataset: &str, version: u64) -> Value {
+    let js = jetstream::new(async_nats::connect(nats_url).await.unwrap());
     let subject = format!("datasets.{dataset}");
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
@@ -421,7 +429,7 @@ async fn announced(clusters: &Clusters, dataset: &str, version: u64) -> Value {
         }
         assert!(
             Instant::now() < deadline,
-            "{subject} v{version} never announced in B"
+            "{subject} v{version} never announced at {nats_url}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -489,7 +497,26 @@ async fn latency_while_rclone(clusters: &Clusters, secs: u64, len: u64) -> Vec<f
 /// `rclone copyto` of `key` in one cluster's S3 to `target` in another's (rclone streams through
 /// this host). Returns MiB/s.
 fn rclone(from: &common::Cluster, to: &common::Cluster, key: &str, target: &str, len: u64) -> f64 {
-    let mut command = std::process::Command::new("rclone");
+    rclone_in(None, from, to, key, target, len)
+}
+
+/// [`rclone`] run inside network namespace `netns` when given.
+fn rclone_in(
+    netns: Option<&str>,
+    from: &common::Cluster,
+    to: &common::Cluster,
+    key: &str,
+    target: &str,
+    len: u64,
+) -> f64 {
+    let mut command = match netns {
+        Some(name) => {
+            let mut command = std::process::Command::new("ip");
+            command.args(["netns", "exec", name, "rclone"]);
+            command
+        }
+        None => std::process::Command::new("rclone"),
+    };
     // rclone's AWS SDK cannot use a custom CA bundle with its HTTP transport; the local S3
     // servers speak plain HTTP anyway.
     command.env_remove("AWS_CA_BUNDLE");
@@ -531,11 +558,16 @@ fn rclone(from: &common::Cluster, to: &common::Cluster, key: &str, target: &str,
 
 /// A streaming copy with aws-sdk-s3: GET from A piped into a multipart upload to B, same part
 /// size and parts in flight as rhio. Returns MiB/s.
-async fn replicate_sdk(clusters: &Clusters, key: &str, target: &str) -> f64 {
+async fn replicate_sdk(
+    from: &common::Cluster,
+    to: &common::Cluster,
+    key: &str,
+    target: &str,
+) -> f64 {
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-    let from = common::s3_client(&clusters.env.clusters[0]);
-    let to = common::s3_client(&clusters.env.clusters[1]);
-    let bucket = clusters.env.clusters[0].s3_bucket.clone();
+    let bucket = from.s3_bucket.clone();
+    let from = common::s3_client(from);
+    let to = common::s3_client(to);
     let part_size = (REPLICATION_PART_MIB << 20) as usize;
     let start = Instant::now();
     let mut body = from
@@ -931,6 +963,7 @@ async fn clusters() -> Clusters {
     let replicated: Vec<String> = (0..3)
         .map(|round| format!("datasets.repl{round}"))
         .chain(["datasets.delta".to_string(), "datasets.busy".to_string()])
+        .chain(scale::datasets())
         .collect();
     let replicated: Vec<&str> = replicated.iter().map(String::as_str).collect();
     b.extra = subscribe_toml(&key_a, &["bench.rhio.>"], "RHIO_IN")
@@ -1230,6 +1263,7 @@ async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: u
         &clusters.env.clusters[0].nats_url,
         &clusters.env.clusters[1].nats_url,
         &subject,
+        1,
         rate,
         secs,
         &format!("latency {path:?} round {round}"),
@@ -1239,10 +1273,12 @@ async fn latency(clusters: &Clusters, path: Path, rate: u64, secs: u64, round: u
 
 /// Publishes `rate` messages per second for `secs` into JetStream at `from` and returns, sorted,
 /// the milliseconds each took to reach a core NATS subscriber at `to` (a loss is a failure).
+/// The messages go round-robin to `subjects` subjects `<subject>.<i>` (one signed log each).
 async fn timed_messages(
     from: &str,
     to: &str,
     subject: &str,
+    subjects: u64,
     rate: u64,
     secs: u64,
     what: &str,
@@ -1250,7 +1286,7 @@ async fn timed_messages(
     let a = jetstream::new(async_nats::connect(from).await.unwrap());
     let b = async_nats::connect(to).await.unwrap();
     let subject = subject.to_string();
-    let mut subscriber = b.subscribe(subject.clone()).await.unwrap();
+    let mut subscriber = b.subscribe(format!("{subject}.>")).await.unwrap();
     b.flush().await.unwrap();
     let total = rate * secs;
     let collector = tokio::spawn(async move {
@@ -1277,14 +1313,18 @@ async fn timed_messages(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let payload = bytes::Bytes::from(vec![0x62u8; 1024]);
     let mut acks = Vec::new();
-    for _ in 0..total {
+    for i in 0..total {
         ticker.tick().await;
         let mut headers = HeaderMap::new();
         headers.insert("Sent-Micros", now_micros().to_string().as_str());
         acks.push(
-            a.publish_with_headers(subject.clone(), headers, payload.clone())
-                .await
-                .unwrap(),
+            a.publish_with_headers(
+                format!("{subject}.{}", i % subjects),
+                headers,
+                payload.clone(),
+            )
+            .await
+            .unwrap(),
         );
         if acks.len() >= 64 {
             for ack in acks.drain(..) {
@@ -1488,7 +1528,8 @@ fn main() {
                 len,
             ));
             sdk_repl.push(runtime.block_on(replicate_sdk(
-                &clusters,
+                &clusters.env.clusters[0],
+                &clusters.env.clusters[1],
                 &key,
                 &format!("baseline/sdk-{round}.parquet"),
             )));
@@ -1813,6 +1854,10 @@ fn main() {
         results.insert("fetch_runs".into(), json!(rhio_fetch));
         results.insert("fetch_boto3_runs".into(), json!(boto3));
     }
+    // After the scenarios whose memory rows read the two nodes' peak RSS: this one resets it.
+    if settings.wants("scale") {
+        scale::scale(&settings, &runtime, &clusters, &mut rows, &mut results);
+    }
     if settings.wants("mirror") {
         // mirror: a fresh file per round, pushed by rhio and by oras, in alternating order.
         drop(clusters);
@@ -1877,6 +1922,9 @@ fn main() {
     if settings.wants("federation") {
         runtime.block_on(federation_clusters(&settings, &mut rows, &mut results));
         federation_simulated(&settings, &mut rows, &mut results);
+    }
+    if settings.wants("capped") {
+        scale::capped(&settings, &mut rows, &mut results);
     }
     println!();
     let table = markdown_table(&rows);
@@ -2064,7 +2112,16 @@ async fn federation_clusters(
             }
             let (first, last) = (&env.clusters[0].nats_url, &env.clusters[n - 1].nats_url);
             // Warm up: sessions open along the whole path.
-            timed_messages(first, last, "bench.fed.warmup", 10, 1, "federation warm-up").await;
+            timed_messages(
+                first,
+                last,
+                "bench.fed.warmup",
+                1,
+                10,
+                1,
+                "federation warm-up",
+            )
+            .await;
             let sent = |nodes: &[RhioNode]| -> f64 {
                 nodes
                     .iter()
@@ -2076,6 +2133,7 @@ async fn federation_clusters(
                 first,
                 last,
                 "bench.fed.timed",
+                1,
                 rate,
                 secs,
                 &format!("federation {n} clusters {topology}"),

@@ -120,7 +120,13 @@ impl LocalEnv {
 
     /// Clusters whose servers run inside network namespace `netns` (on its own loopback).
     pub fn up_in(clusters: usize, netns: &Netns) -> Self {
-        Self::launch_in(clusters, None, Some(&netns.name))
+        Self::launch_in(clusters, None, Some(&netns.name), false)
+    }
+
+    /// Like [`LocalEnv::up_in`], with each S3 listening on every address of the namespace, so
+    /// other namespaces reach it over their links (at `http://<address>:<port>`).
+    pub fn up_in_reachable(clusters: usize, netns: &Netns) -> Self {
+        Self::launch_in(clusters, None, Some(&netns.name), true)
     }
 
     /// Clusters plus an OCI registry (Debian's docker-registry), and with
@@ -130,10 +136,15 @@ impl LocalEnv {
     }
 
     fn launch(clusters: usize, registries: Option<Registries>) -> Self {
-        Self::launch_in(clusters, registries, None)
+        Self::launch_in(clusters, registries, None, false)
     }
 
-    fn launch_in(clusters: usize, registries: Option<Registries>, netns: Option<&str>) -> Self {
+    fn launch_in(
+        clusters: usize,
+        registries: Option<Registries>,
+        netns: Option<&str>,
+        s3_reachable: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().to_str().unwrap().to_string();
         let owner = std::process::id().to_string();
@@ -151,6 +162,9 @@ impl LocalEnv {
             None => args.push("--no-registry"),
             Some(Registries::Anonymous) => {}
             Some(Registries::AnonymousAndToken) => args.push("--registry-auth"),
+        }
+        if s3_reachable {
+            args.push("--s3-any-address");
         }
         let output = localenv_in(netns, &args);
         let info: Value = serde_json::from_slice(&output.stdout).expect("env JSON");
@@ -981,44 +995,109 @@ impl Netns {
     /// (n from the process id, so concurrent tests do not collide); loopback up in both.
     /// Needs root (the test suite runs as root here).
     pub fn pair(tag: &str) -> (Netns, Netns, [String; 2]) {
+        let (mut namespaces, addresses) = Self::mesh(tag, 2);
+        let b = namespaces.pop().unwrap();
+        let a = namespaces.pop().unwrap();
+        (a, b, [addresses[0][1].clone(), addresses[1][0].clone()])
+    }
+
+    /// `count` namespaces (`rhio-<pid>-<tag>-a`, `-b`, ...), every two joined by a veth pair of
+    /// their own: the k-th pair (in the order (0,1), (0,2), .., (1,2), ..) is the subnet
+    /// `10.<231+k>.<n>.0/24` (n from the process id), the lower namespace `.1`, the other `.2`.
+    /// `addresses[i][j]` is namespace i's address on its link to j (empty for i == j). Loopback
+    /// is up in all. Needs root.
+    pub fn mesh(tag: &str, count: usize) -> (Vec<Netns>, Vec<Vec<String>>) {
         let id = std::process::id();
-        let a = Netns {
-            name: format!("rhio-{id}-{tag}-a"),
-            owned: true,
-        };
-        let b = Netns {
-            name: format!("rhio-{id}-{tag}-b"),
-            owned: true,
-        };
-        let subnet = id % 250 + 1;
-        let (va, vb) = (
-            format!("rh{}a", id % 100_000),
-            format!("rh{}b", id % 100_000),
-        );
+        let namespaces: Vec<Netns> = (0..count)
+            .map(|i| Netns {
+                name: format!("rhio-{id}-{tag}-{}", (b'a' + i as u8) as char),
+                owned: true,
+            })
+            .collect();
         let ip = |args: &[&str]| {
             let status = Command::new("ip").args(args).status().expect("ip runs");
             assert!(status.success(), "ip {args:?} failed");
         };
-        ip(&["netns", "add", &a.name]);
-        ip(&["netns", "add", &b.name]);
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        ip(&["link", "set", &va, "netns", &a.name]);
-        ip(&["link", "set", &vb, "netns", &b.name]);
-        let addresses = [format!("10.231.{subnet}.1"), format!("10.231.{subnet}.2")];
-        for (ns, veth, address) in [(&a, &va, &addresses[0]), (&b, &vb, &addresses[1])] {
-            ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{address}/24"),
-                "dev",
-                veth,
-            ]);
-            ip(&["-n", &ns.name, "link", "set", veth, "up"]);
+        for ns in &namespaces {
+            ip(&["netns", "add", &ns.name]);
             ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         }
-        (a, b, addresses)
+        let mut addresses = vec![vec![String::new(); count]; count];
+        let subnet = id % 250 + 1;
+        let mut link = 0;
+        for i in 0..count {
+            for j in i + 1..count {
+                let ends = [(i, j, 1), (j, i, 2)];
+                let veth = |end: usize| format!("rh{}{link}{}", id % 100_000, ["a", "b"][end]);
+                ip(&[
+                    "link",
+                    "add",
+                    &veth(0),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &veth(1),
+                ]);
+                for (end, (me, other, host)) in ends.into_iter().enumerate() {
+                    let (ns, name) = (&namespaces[me].name, veth(end));
+                    let address = format!("10.{}.{subnet}.{host}", 231 + link);
+                    ip(&["link", "set", &name, "netns", ns]);
+                    ip(&[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{address}/24"),
+                        "dev",
+                        &name,
+                    ]);
+                    ip(&["-n", ns, "link", "set", &name, "up"]);
+                    addresses[me][other] = address;
+                }
+                link += 1;
+            }
+        }
+        (namespaces, addresses)
+    }
+
+    /// Caps what leaves this namespace on each of its links (not loopback) at `mbit` Mbit/s with
+    /// a token bucket (`tc tbf`); capping every namespace caps both directions of every link.
+    pub fn cap(&self, mbit: u32) {
+        for name in self.links() {
+            let rate = format!("{mbit}mbit");
+            let status = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.name, "tc", "qdisc", "replace", "dev", &name,
+                ])
+                .args([
+                    "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms",
+                ])
+                .status()
+                .expect("tc runs");
+            assert!(status.success(), "tc tbf on {name} in {}", self.name);
+        }
+    }
+
+    /// The namespace's links other than loopback.
+    fn links(&self) -> Vec<String> {
+        let output = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show"])
+            .output()
+            .expect("ip runs");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let name = line
+                    .split(':')
+                    .nth(1)?
+                    .trim()
+                    .split('@')
+                    .next()?
+                    .to_string();
+                (name != "lo" && !name.is_empty()).then_some(name)
+            })
+            .collect()
     }
 
     fn named(name: &str) -> Netns {
@@ -1030,30 +1109,10 @@ impl Netns {
 
     /// Sets every link of the namespace but loopback down (`false`) or up (`true`).
     pub fn set_links(&self, up: bool) {
-        let output = Command::new("ip")
-            .args(["-n", &self.name, "-o", "link", "show"])
-            .output()
-            .expect("ip runs");
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let Some(name) = line
-                .split(':')
-                .nth(1)
-                .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-            else {
-                continue;
-            };
-            if name == "lo" || name.is_empty() {
-                continue;
-            }
+        for name in self.links() {
             let status = Command::new("ip")
-                .args([
-                    "-n",
-                    &self.name,
-                    "link",
-                    "set",
-                    &name,
-                    if up { "up" } else { "down" },
-                ])
+                .args(["-n", &self.name, "link", "set", &name])
+                .arg(if up { "up" } else { "down" })
                 .status()
                 .expect("ip runs");
             assert!(status.success());
