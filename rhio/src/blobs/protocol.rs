@@ -35,11 +35,17 @@ use crate::s3::S3Store;
 pub const BLOBS_ALPN: &[u8] = b"rhio/blobs/1";
 
 pub use rhio_core::blobs::{REQUEST_LEN, RangeRequest};
-/// Requests served at once for one peer, and for all peers together.
-const PER_PEER_REQUESTS: usize = 6;
-const TOTAL_REQUESTS: usize = 12;
-/// A range is read from S3 in GETs of this size, in parallel.
-const S3_READ_PIECE: u64 = 2 << 20;
+/// Requests served at once for one peer, and for all peers together. A replicating peer sends
+/// up to 8 at once with the default settings (4 parts in flight, 2 pieces each); an answer
+/// holds at most ~4 MiB of data (see [`S3_PIECES_AHEAD`]).
+const PER_PEER_REQUESTS: usize = 8;
+const TOTAL_REQUESTS: usize = 16;
+/// A range is read from S3 in GETs of this size, ahead of the encoder ...
+const S3_READ_PIECE: u64 = 1 << 20;
+/// ... with this many GETs in flight (besides one piece waiting and the one being encoded), so
+/// an answer holds at most ~4 MiB of data whatever the range's size, and the ~40 ms before a
+/// ranged GET's first byte (s3s-fs, multipart objects) overlaps with encoding.
+const S3_PIECES_AHEAD: usize = 2;
 /// Outboards kept in memory (a 100 MiB blob has a 400 KiB outboard).
 const OUTBOARD_CACHE: usize = 64;
 
@@ -197,21 +203,22 @@ impl BlobServer {
         let read = async {
             let outboard = self.outboard(&request.hash).await?;
             let (start, end) = group_range(request);
-            let pieces = self
-                .s3
-                .get_range_pieces(
-                    &location.key,
-                    location.offset + start,
-                    end - start,
-                    S3_READ_PIECE,
-                )
+            let mut window = Window::read(
+                self.s3.clone(),
+                location.key.clone(),
+                location.offset,
+                (start, end),
+                request.size,
+                &self.runtime,
+            );
+            // The first piece before answering `Ok`: an object that is gone or an S3 that is
+            // down is refused as before; a failure later ends the answer early (the client
+            // sees a transport error and asks another peer).
+            window
+                .first()
                 .await
                 .map_err(|err| format!("{}: {err}", location.key))?;
-            let window = Window::new(start, pieces, request.size);
-            if window.len() != end - start {
-                return Err(format!("{} returned {} bytes", location.key, window.len()));
-            }
-            Ok((outboard, window))
+            Ok::<_, String>((outboard, window))
         };
         match read.await {
             Ok((outboard, window)) => Ok(Prepared {
@@ -307,44 +314,136 @@ impl std::io::Write for ChunkWriter {
     }
 }
 
-/// The bytes of a blob that were read (in pieces, as the GETs returned them), at their place in
-/// the blob.
+/// The bytes of a blob range as the encoder reads them: pieces arrive from S3 in order, at most
+/// [`S3_PIECES_AHEAD`] in flight and one waiting, and a piece is dropped once the encoder is past
+/// it (bao encodes a range front to back).
 struct Window {
+    /// Blob offsets of the bytes the window covers (whole chunk groups).
     start: u64,
-    pieces: Vec<Bytes>,
+    end: u64,
+    /// The blob's size.
     size: u64,
+    state: Mutex<WindowState>,
+}
+
+struct WindowState {
+    /// The piece the encoder reads now, with the blob offset of its first byte.
+    current: Option<(u64, Bytes)>,
+    /// Blob offset of the next piece to arrive.
+    next: u64,
+    pieces: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
 }
 
 impl Window {
-    fn new(start: u64, pieces: Vec<Bytes>, size: u64) -> Self {
+    /// Starts reading `range` (blob offsets) of the blob stored at `offset` in object `key`.
+    fn read(
+        s3: S3Store,
+        key: String,
+        offset: u64,
+        range: (u64, u64),
+        size: u64,
+        runtime: &tokio::runtime::Handle,
+    ) -> Self {
+        use futures::StreamExt;
+        let (start, end) = range;
+        let (sender, pieces) = tokio::sync::mpsc::channel(1);
+        let reads: Vec<(u64, u64)> = (start..end)
+            .step_by(S3_READ_PIECE as usize)
+            .map(|at| (offset + at, S3_READ_PIECE.min(end - at)))
+            .collect();
+        runtime.spawn(async move {
+            let mut gets = futures::stream::iter(reads)
+                .map(|(at, len)| {
+                    let (s3, key) = (&s3, &key);
+                    async move {
+                        let piece = s3.get_range(key, Some((at, len))).await?;
+                        if piece.len() as u64 != len {
+                            return Err(format!(
+                                "asked for {len} bytes at {at}, got {}",
+                                piece.len()
+                            ));
+                        }
+                        Ok(piece)
+                    }
+                })
+                .buffered(S3_PIECES_AHEAD);
+            while let Some(piece) = gets.next().await {
+                let failed = piece.is_err();
+                // A closed channel: the answer was abandoned; stop reading.
+                if sender.send(piece).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Self::from_receiver(start, end, size, pieces)
+    }
+
+    fn from_receiver(
+        start: u64,
+        end: u64,
+        size: u64,
+        pieces: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    ) -> Self {
         Self {
             start,
-            pieces,
+            end,
             size,
+            state: Mutex::new(WindowState {
+                current: None,
+                next: start,
+                pieces,
+            }),
         }
     }
 
-    fn len(&self) -> u64 {
-        self.pieces.iter().map(|p| p.len() as u64).sum()
+    /// Waits for the first piece (async: before the answer starts).
+    async fn first(&mut self) -> Result<(), String> {
+        if self.start == self.end {
+            return Ok(());
+        }
+        let state = self.state.get_mut().expect("window lock");
+        let piece = state.pieces.recv().await;
+        state.accept(piece)
+    }
+}
+
+impl WindowState {
+    fn accept(&mut self, piece: Option<Result<Bytes, String>>) -> Result<(), String> {
+        let piece = piece.ok_or("the S3 reads stopped")??;
+        let at = self.next;
+        self.next += piece.len() as u64;
+        self.current = Some((at, piece));
+        Ok(())
     }
 }
 
 impl bao_tree::io::sync::ReadAt for &Window {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let Some(mut at) = pos.checked_sub(self.start) else {
+        if pos < self.start {
             return Err(std::io::Error::other("read before the fetched range"));
-        };
-        for piece in &self.pieces {
-            let len = piece.len() as u64;
-            if at < len {
-                let at = at as usize;
-                let n = buf.len().min(piece.len() - at);
-                buf[..n].copy_from_slice(&piece[at..at + n]);
-                return Ok(n);
-            }
-            at -= len;
         }
-        Ok(0)
+        if pos >= self.end || buf.is_empty() {
+            return Ok(0);
+        }
+        let mut state = self.state.lock().expect("window lock");
+        loop {
+            if let Some((at, piece)) = &state.current {
+                if pos < *at {
+                    return Err(std::io::Error::other(
+                        "read behind the window (bao reads a range front to back)",
+                    ));
+                }
+                let offset = (pos - at) as usize;
+                if offset < piece.len() {
+                    let n = buf.len().min(piece.len() - offset);
+                    buf[..n].copy_from_slice(&piece[offset..offset + n]);
+                    return Ok(n);
+                }
+            }
+            // Past the current piece: the next one (on the encoder's blocking thread).
+            let piece = state.pieces.blocking_recv();
+            state.accept(piece).map_err(std::io::Error::other)?;
+        }
     }
 }
 
@@ -572,16 +671,34 @@ mod tests {
             data: outboard,
         };
         let (start, end) = group_range(request);
-        // The window is read in uneven pieces, as parallel GETs return it.
-        let pieces = data[start as usize..end as usize]
+        // The window arrives in pieces that do not line up with chunk groups.
+        let pieces: Vec<Bytes> = data[start as usize..end as usize]
             .chunks(100_003)
             .map(Bytes::copy_from_slice)
             .collect();
-        let window = Window::new(start, pieces, data.len() as u64);
-        let mut encoded = Vec::new();
-        bao_tree::io::sync::encode_ranges(&window, outboard, &chunk_ranges(request), &mut encoded)
-            .unwrap();
-        encoded
+        let (sender, receiver) = tokio::sync::mpsc::channel(pieces.len().max(1));
+        for piece in pieces {
+            sender.try_send(Ok(piece)).unwrap();
+        }
+        drop(sender);
+        let window = Window::from_receiver(start, end, data.len() as u64, receiver);
+        // Off the test's runtime, like the server's encoder (the window blocks for pieces).
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut encoded = Vec::new();
+                    bao_tree::io::sync::encode_ranges(
+                        &window,
+                        outboard,
+                        &chunk_ranges(request),
+                        &mut encoded,
+                    )
+                    .unwrap();
+                    encoded
+                })
+                .join()
+                .unwrap()
+        })
     }
 
     async fn decode(encoded: Vec<u8>, request: &RangeRequest) -> Result<Vec<u8>, DecodeError> {

@@ -48,6 +48,9 @@ use crate::s3::S3Store;
 use crate::s3::keys;
 use crate::store::Store;
 
+/// Pieces of one part gathered at once (and outboards written at once). With the default 4
+/// parts in flight a peer gets at most 8 requests from one transfer: the server's per-peer limit.
+const PIECES_IN_FLIGHT: usize = 2;
 /// Rounds over all peers before a range is given up (the version is retried later).
 const FETCH_ROUNDS: usize = 20;
 /// A peer that could not be reached is skipped for this long.
@@ -853,23 +856,35 @@ impl Transfer<'_> {
         Ok(())
     }
 
-    /// Writes the outboards of the blobs that came from peers, so this node can serve them.
+    /// Writes the outboards of the blobs that came from peers, so this node can serve them
+    /// ([`PIECES_IN_FLIGHT`] PUTs at a time: a version of many row groups has many).
     async fn store_outboards(&self, plan: &ReplicationPlan) -> Result<(), ReplicationError> {
-        let s3 = &self.replicator.s3;
-        for &blob in &plan.remote_blobs {
-            let entry = &self.manifest.blobs[blob];
-            let hash = blake3::Hash::from_hex(&entry.hash)
-                .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
-            let collected = self.outboards.lock().expect("outboards lock").take(blob);
-            let outboard = match collected {
-                Some(outboard) => outboard,
-                None => self.outboard_from_object(blob, hash).await?,
-            };
-            s3.put(&keys::outboard(&hash), outboard)
-                .await
-                .map_err(ReplicationError::Storage)?;
+        let puts: Vec<_> = plan
+            .remote_blobs
+            .iter()
+            .map(|&blob| self.store_outboard(blob))
+            .collect();
+        let mut puts = futures::stream::iter(puts).buffer_unordered(PIECES_IN_FLIGHT);
+        while let Some(put) = puts.next().await {
+            put?;
         }
         Ok(())
+    }
+
+    async fn store_outboard(&self, blob: usize) -> Result<(), ReplicationError> {
+        let entry = &self.manifest.blobs[blob];
+        let hash = blake3::Hash::from_hex(&entry.hash)
+            .map_err(|err| ReplicationError::Manifest(err.to_string()))?;
+        let collected = self.outboards.lock().expect("outboards lock").take(blob);
+        let outboard = match collected {
+            Some(outboard) => outboard,
+            None => self.outboard_from_object(blob, hash).await?,
+        };
+        self.replicator
+            .s3
+            .put(&keys::outboard(&hash), outboard)
+            .await
+            .map_err(ReplicationError::Storage)
     }
 
     /// The outboard of a blob whose ranges were fetched before a restart (their parents are
@@ -909,43 +924,29 @@ impl Transfer<'_> {
         Ok(outboard)
     }
 
-    /// Gathers one part's bytes, uploads it and records it.
+    /// Gathers one part's bytes, uploads it and records it. The pieces of a part (one per blob
+    /// it touches) are gathered [`PIECES_IN_FLIGHT`] at a time: a part of many small row groups
+    /// would otherwise pay a round trip per blob in turn.
     async fn part(&self, part: &PartPlan, single: bool) -> Result<DonePart, ReplicationError> {
         let mut bytes = vec![0u8; part.length as usize];
-        let mut wire_bytes = 0;
-        let mut at = 0usize;
+        let mut slots = Vec::with_capacity(part.pieces.len());
+        let mut rest = bytes.as_mut_slice();
         for piece in &part.pieces {
-            let slot = &mut bytes[at..at + piece.len() as usize];
-            at += slot.len();
-            match &piece.source {
-                PieceSource::Local(local) => {
-                    let data = self
-                        .replicator
-                        .s3
-                        .get_range(&local.key, Some((local.offset + piece.start, piece.len())))
-                        .await
-                        .map_err(ReplicationError::Storage)?;
-                    if data.len() != slot.len() {
-                        return Err(ReplicationError::Storage(format!(
-                            "{} returned {} of {} bytes",
-                            local.key,
-                            data.len(),
-                            piece.len()
-                        )));
-                    }
-                    self.replicator
-                        .metrics
-                        .replication_bytes_local
-                        .inc_by(piece.len());
-                    slot.copy_from_slice(&data);
-                }
-                PieceSource::Remote => {
-                    wire_bytes += self
-                        .fetch(piece.blob, piece.start, piece.end, part.number, slot)
-                        .await?;
-                }
-            }
+            let (slot, tail) = std::mem::take(&mut rest).split_at_mut(piece.len() as usize);
+            slots.push(slot);
+            rest = tail;
         }
+        // The futures are made first and then run (a closure inside the stream would make the
+        // worker's future not provably Send).
+        let pieces: Vec<_> = (part.pieces.iter().zip(slots).enumerate())
+            .map(|(i, (piece, slot))| self.piece(piece, part.number + i as u32, slot))
+            .collect();
+        let mut gathering = futures::stream::iter(pieces).buffer_unordered(PIECES_IN_FLIGHT);
+        let mut wire_bytes = 0;
+        while let Some(wire) = gathering.next().await {
+            wire_bytes += wire?;
+        }
+        drop(gathering);
         let offset = part.offset;
         let (bytes, hash) = tokio::task::spawn_blocking(move || {
             let hash = if single {
@@ -975,6 +976,44 @@ impl Transfer<'_> {
             status.bytes_done += part.length;
         });
         Ok(done)
+    }
+
+    /// One piece of a part into `slot`: read from this cluster's S3 when the blob is here,
+    /// fetched verified from a peer otherwise. Returns the bytes that came over the wire.
+    async fn piece(
+        &self,
+        piece: &rhio_core::replication::Piece,
+        rotation: u32,
+        slot: &mut [u8],
+    ) -> Result<u64, ReplicationError> {
+        match &piece.source {
+            PieceSource::Local(local) => {
+                let data = self
+                    .replicator
+                    .s3
+                    .get_range(&local.key, Some((local.offset + piece.start, piece.len())))
+                    .await
+                    .map_err(ReplicationError::Storage)?;
+                if data.len() != slot.len() {
+                    return Err(ReplicationError::Storage(format!(
+                        "{} returned {} of {} bytes",
+                        local.key,
+                        data.len(),
+                        piece.len()
+                    )));
+                }
+                self.replicator
+                    .metrics
+                    .replication_bytes_local
+                    .inc_by(piece.len());
+                slot.copy_from_slice(&data);
+                Ok(0)
+            }
+            PieceSource::Remote => {
+                self.fetch(piece.blob, piece.start, piece.end, rotation, slot)
+                    .await
+            }
+        }
     }
 
     /// Fetches a verified range of a blob into `out` from whichever peer can serve it; peers are
