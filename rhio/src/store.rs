@@ -39,6 +39,8 @@ pub enum StoreError {
     Open { path: String, source: sqlx::Error },
     #[error("operation store: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("operation store: {0}")]
+    Write(#[from] rusqlite::Error),
     #[error("operation store is shutting down")]
     Closed,
     #[error("stored operation is corrupt: {0}")]
@@ -240,10 +242,17 @@ impl Store {
         let heads = load_heads(&pool).await?;
         let (writes, requests) = mpsc::channel(WRITE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        // The writer has a connection of its own, so it can choose when a commit is fsynced.
-        let connection = sqlx::ConnectOptions::connect(&options)
-            .await
-            .map_err(open_error)?;
+        // The writer has connections of its own, used synchronously on its own thread: a
+        // transaction costs no round trip per statement. One chooses per commit whether it is
+        // fsynced; the other (always `FULL`) makes the group commits of [`Store::sync`].
+        let open_writer = |synchronous: &str| -> Result<rusqlite::Connection, StoreError> {
+            let connection = rusqlite::Connection::open(path)?;
+            connection.busy_timeout(std::time::Duration::from_secs(10))?;
+            connection.pragma_update(None, "synchronous", synchronous)?;
+            Ok(connection)
+        };
+        let connection = open_writer("FULL")?;
+        let sync_connection = open_writer("FULL")?;
         let own = key.public_key();
         let committed = Arc::new(std::sync::RwLock::new(
             heads
@@ -254,6 +263,7 @@ impl Store {
         let writer = Writer {
             committed: committed.clone(),
             connection: Some(connection),
+            sync_connection,
             full_sync: true,
             pool: pool.clone(),
             key,
@@ -264,7 +274,14 @@ impl Store {
             reorder: ReorderBuffer::new(REORDER_CAPACITY),
             events: events.clone(),
         };
-        tokio::spawn(writer.run(requests));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| StoreError::Corrupt(format!("store writer runtime: {err}")))?;
+        std::thread::Builder::new()
+            .name("rhio-store".into())
+            .spawn(move || runtime.block_on(writer.run(requests)))
+            .map_err(|err| StoreError::Corrupt(format!("store writer thread: {err}")))?;
         Ok(Self {
             pool,
             writes,
@@ -530,10 +547,12 @@ impl Store {
     }
 }
 
-/// Owns the log heads and performs every write.
+/// Owns the log heads and performs every write, on a thread of its own (SQLite calls block).
 struct Writer {
     /// Taken out while a transaction runs on it.
-    connection: Option<sqlx::SqliteConnection>,
+    connection: Option<rusqlite::Connection>,
+    /// Always `synchronous = FULL`: group commits ([`Writer::sync_wal`]).
+    sync_connection: rusqlite::Connection,
     /// Whether the connection currently fsyncs on commit.
     full_sync: bool,
     pool: SqlitePool,
@@ -567,7 +586,7 @@ enum Reply {
 }
 
 impl Reply {
-    fn fail(self, err: &sqlx::Error) {
+    fn fail(self, err: &rusqlite::Error) {
         let error = || StoreError::Corrupt(format!("write failed: {err}"));
         match self {
             Reply::Local(reply, _) => drop(reply.send(Err(error()))),
@@ -591,9 +610,7 @@ impl Writer {
             };
             if received == 0 && (requests.is_closed() || self.delivered.is_empty()) {
                 if requests.is_closed() && !self.delivered.is_empty() {
-                    let _ = self
-                        .apply(Vec::new(), &mut Vec::new(), &mut Vec::new())
-                        .await;
+                    let _ = self.apply(Vec::new(), &mut Vec::new(), &mut Vec::new());
                 }
                 if requests.is_closed() {
                     return;
@@ -602,9 +619,7 @@ impl Writer {
             }
             let mut replies = Vec::with_capacity(batch.len());
             let mut committed = Vec::new();
-            let result = self
-                .apply(std::mem::take(&mut batch), &mut replies, &mut committed)
-                .await;
+            let result = self.apply(std::mem::take(&mut batch), &mut replies, &mut committed);
             match result {
                 Ok(()) => {
                     {
@@ -632,7 +647,7 @@ impl Writer {
                         // A durable append in this batch fsynced its commit already.
                         let error = match self.full_sync {
                             true => None,
-                            false => self.sync_wal().await.err().map(|err| err.to_string()),
+                            false => self.sync_wal().err().map(|err| err.to_string()),
                         };
                         for reply in synced {
                             let _ = reply.send(match &error {
@@ -660,41 +675,39 @@ impl Writer {
         }
     }
 
-    /// Fsyncs the WAL with a one-row write committed on a pool connection (`synchronous =
+    /// Fsyncs the WAL with a one-row write committed on the sync connection (`synchronous =
     /// FULL`; a commit without a write would not touch the disk). Every earlier commit of the
     /// writer is in the same WAL before it, so it is durable too; the writer's own connection
     /// keeps its setting.
-    async fn sync_wal(&mut self) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO durability (id, syncs) VALUES (0, 1)
-             ON CONFLICT (id) DO UPDATE SET syncs = syncs + 1",
-        )
-        .execute(&self.pool)
-        .await?;
+    fn sync_wal(&mut self) -> Result<(), rusqlite::Error> {
+        self.sync_connection
+            .prepare_cached(
+                "INSERT INTO durability (id, syncs) VALUES (0, 1)
+                 ON CONFLICT (id) DO UPDATE SET syncs = syncs + 1",
+            )?
+            .execute([])?;
         Ok(())
     }
 
-    async fn apply(
+    fn apply(
         &mut self,
         requests: Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
         committed: &mut Vec<Arc<SignedOperation>>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), rusqlite::Error> {
         let mut connection = self.connection.take().expect("writer connection is back");
-        let result = self
-            .apply_on(&mut connection, requests, replies, committed)
-            .await;
+        let result = self.apply_on(&mut connection, requests, replies, committed);
         self.connection = Some(connection);
         result
     }
 
-    async fn apply_on(
+    fn apply_on(
         &mut self,
-        connection: &mut sqlx::SqliteConnection,
+        connection: &mut rusqlite::Connection,
         requests: Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
         committed: &mut Vec<Arc<SignedOperation>>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), rusqlite::Error> {
         // A commit that signs local messages is fsynced: their NATS messages are acked after it
         // and the operations are pushed to peers, so losing it would fork the log. A commit with
         // only received operations and positions is not: in WAL mode it survives a crash of the
@@ -704,15 +717,11 @@ impl Writer {
             .iter()
             .any(|r| matches!(r, WriteRequest::AppendLocal { durable: true, .. }));
         if full_sync != self.full_sync {
-            let pragma = if full_sync {
-                "PRAGMA synchronous = FULL"
-            } else {
-                "PRAGMA synchronous = NORMAL"
-            };
-            sqlx::query(pragma).execute(&mut *connection).await?;
+            let level = if full_sync { "FULL" } else { "NORMAL" };
+            connection.pragma_update(None, "synchronous", level)?;
             self.full_sync = full_sync;
         }
-        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+        let tx = connection.transaction()?;
         for request in requests {
             match request {
                 WriteRequest::AppendLocal {
@@ -739,21 +748,18 @@ impl Writer {
                         ops.push(op);
                     }
                     if let Some((stream, seq)) = cursor {
-                        sqlx::query(
+                        tx.prepare_cached(
                             "INSERT INTO outbound_cursors (stream, last_stream_seq) VALUES (?, ?)
                              ON CONFLICT (stream) DO UPDATE SET last_stream_seq = MAX(last_stream_seq, excluded.last_stream_seq)",
-                        )
-                        .bind(stream)
-                        .bind(seq as i64)
-                        .execute(&mut *tx)
-                        .await?;
+                        )?
+                        .execute(rusqlite::params![stream, seq as i64])?;
                     }
                     replies.push(Reply::Local(reply, ops));
                 }
                 WriteRequest::InsertRemote { ops, reply } => {
                     let mut outcomes = Vec::with_capacity(ops.len());
                     for op in ops {
-                        let outcome = self.insert_remote(&mut tx, op, committed).await?;
+                        let outcome = self.insert_remote(&tx, op, committed)?;
                         outcomes.push(outcome);
                     }
                     replies.push(Reply::Remote(reply, outcomes));
@@ -772,47 +778,52 @@ impl Writer {
                 }
             }
         }
-        insert_rows(&mut tx, committed).await?;
+        insert_rows(&tx, committed)?;
         // One row update per log touched, however many operations it got.
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO logs (author, log, next_seq, last_hash) VALUES (?, ?, ?, ?)
+             ON CONFLICT (author, log) DO UPDATE SET next_seq = excluded.next_seq, last_hash = excluded.last_hash",
+        )?;
         for ((author, log), head) in self.dirty.drain() {
-            sqlx::query(
-                "INSERT INTO logs (author, log, next_seq, last_hash) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (author, log) DO UPDATE SET next_seq = excluded.next_seq, last_hash = excluded.last_hash",
-            )
-            .bind(author.as_bytes().as_slice())
-            .bind(log.to_key())
-            .bind(head.next_seq as i64)
-            .bind(head.last_hash.map(|h| h.as_bytes().to_vec()).unwrap_or_default())
-            .execute(&mut *tx)
-            .await?;
+            upsert.execute(rusqlite::params![
+                author.as_bytes().as_slice(),
+                log.to_key(),
+                head.next_seq as i64,
+                head.last_hash
+                    .map(|h| h.as_bytes().to_vec())
+                    .unwrap_or_default(),
+            ])?;
         }
+        drop(upsert);
         // Delivered positions of logs that exist (a position never precedes its log's row).
+        let mut deliver = tx.prepare_cached(
+            "UPDATE logs SET delivered_seq = MAX(delivered_seq, ?) WHERE author = ? AND log = ?",
+        )?;
         for ((author, log), next) in self.delivered.drain() {
-            sqlx::query(
-                "UPDATE logs SET delivered_seq = MAX(delivered_seq, ?) WHERE author = ? AND log = ?",
-            )
-            .bind(next as i64)
-            .bind(author.as_bytes().as_slice())
-            .bind(log.to_key())
-            .execute(&mut *tx)
-            .await?;
+            deliver.execute(rusqlite::params![
+                next as i64,
+                author.as_bytes().as_slice(),
+                log.to_key(),
+            ])?;
         }
+        drop(deliver);
         let at = now_micros() as i64;
+        let mut dead_letter = tx.prepare_cached(
+            "INSERT OR REPLACE INTO dead_letters (author, log, seq, hash, reason, detail, at_micros) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )?;
         for dead in self.dead_letters.drain(..) {
-            sqlx::query(
-                "INSERT OR REPLACE INTO dead_letters (author, log, seq, hash, reason, detail, at_micros) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(dead.author.as_bytes().as_slice())
-            .bind(dead.log.to_key())
-            .bind(dead.seq as i64)
-            .bind(dead.hash)
-            .bind(dead.reason)
-            .bind(dead.detail)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+            dead_letter.execute(rusqlite::params![
+                dead.author.as_bytes().as_slice(),
+                dead.log.to_key(),
+                dead.seq as i64,
+                dead.hash,
+                dead.reason,
+                dead.detail,
+                at,
+            ])?;
         }
-        tx.commit().await
+        drop(dead_letter);
+        tx.commit()
     }
 
     fn head(&self, author: &PublicKey, log: &LogId) -> Head {
@@ -825,12 +836,12 @@ impl Writer {
             })
     }
 
-    async fn insert_remote(
+    fn insert_remote(
         &mut self,
-        tx: &mut sqlx::SqliteConnection,
+        tx: &rusqlite::Connection,
         op: SignedOperation,
         committed: &mut Vec<Arc<SignedOperation>>,
-    ) -> Result<InsertOutcome, sqlx::Error> {
+    ) -> Result<InsertOutcome, rusqlite::Error> {
         let author = op.author();
         let log = op.log().clone();
         let head = self.head(&author, &log);
@@ -852,14 +863,19 @@ impl Writer {
                         InsertOutcome::Conflict
                     });
                 }
-                let stored: Option<Vec<u8>> = sqlx::query_scalar(
-                    "SELECT hash FROM operations WHERE author = ? AND log = ? AND seq = ?",
-                )
-                .bind(author.as_bytes().as_slice())
-                .bind(log.to_key())
-                .bind(op.seq() as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let stored: Option<Vec<u8>> = rusqlite::OptionalExtension::optional(
+                    tx.prepare_cached(
+                        "SELECT hash FROM operations WHERE author = ? AND log = ? AND seq = ?",
+                    )?
+                    .query_row(
+                        rusqlite::params![
+                            author.as_bytes().as_slice(),
+                            log.to_key(),
+                            op.seq() as i64
+                        ],
+                        |row| row.get(0),
+                    ),
+                )?;
                 return Ok(match stored {
                     Some(hash) if hash == op.hash.as_bytes() => InsertOutcome::Duplicate,
                     _ => InsertOutcome::Conflict,
@@ -899,28 +915,24 @@ impl Writer {
     }
 }
 
-/// Rows per multi-row INSERT (6 parameters each, well under SQLite's limit).
-const ROWS_PER_INSERT: usize = 256;
-
-/// Writes the operations of a transaction with few statements: each statement is a round trip
-/// to the SQLite worker thread.
-async fn insert_rows(
-    tx: &mut sqlx::SqliteConnection,
+/// Writes the operations of a transaction (one cached statement: on the writer's own thread a
+/// statement costs no round trip).
+fn insert_rows(
+    tx: &rusqlite::Connection,
     ops: &[Arc<SignedOperation>],
-) -> Result<(), sqlx::Error> {
-    for chunk in ops.chunks(ROWS_PER_INSERT) {
-        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO operations (author, log, seq, hash, header, body) ",
-        );
-        query.push_values(chunk, |mut row, op| {
-            row.push_bind(op.author().as_bytes().to_vec())
-                .push_bind(op.log().to_key())
-                .push_bind(op.seq() as i64)
-                .push_bind(op.hash.as_bytes().to_vec())
-                .push_bind(op.header_bytes.clone())
-                .push_bind(op.body.clone());
-        });
-        query.build().execute(&mut *tx).await?;
+) -> Result<(), rusqlite::Error> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO operations (author, log, seq, hash, header, body) VALUES (?, ?, ?, ?, ?, ?)",
+    )?;
+    for op in ops {
+        insert.execute(rusqlite::params![
+            op.author().as_bytes().as_slice(),
+            op.log().to_key(),
+            op.seq() as i64,
+            op.hash.as_bytes().as_slice(),
+            op.header_bytes.as_slice(),
+            op.body.as_slice(),
+        ])?;
     }
     Ok(())
 }
