@@ -134,6 +134,15 @@ pub struct Store {
     own: PublicKey,
     /// Committed log heights (next sequence number), readable without a query.
     committed: Arc<std::sync::RwLock<HashMap<(PublicKey, LogId), u64>>>,
+    durability: Arc<Durability>,
+}
+
+/// Commits with local appends, and how many of them are known to be on disk: a caller of
+/// [`Store::sync`] whose commits the writer has already fsynced returns without a round trip.
+#[derive(Default)]
+struct Durability {
+    committed: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
 }
 
 const SCHEMA: &str = "
@@ -260,8 +269,10 @@ impl Store {
                 .map(|(key, head)| (key.clone(), head.next_seq))
                 .collect(),
         ));
+        let durability = Arc::new(Durability::default());
         let writer = Writer {
             committed: committed.clone(),
+            durability: durability.clone(),
             connection: Some(connection),
             sync_connection,
             full_sync: true,
@@ -288,6 +299,7 @@ impl Store {
             events,
             own,
             committed,
+            durability,
         })
     }
 
@@ -365,9 +377,16 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Returns once every commit made before the call is on disk (group commit: one fsync for
-    /// every caller waiting at the time).
+    /// Returns once every local append committed before the call is on disk (group commit: one
+    /// fsync for every caller waiting at the time). The writer fsyncs right after committing
+    /// unsynced local appends, while their operations travel; a caller that comes after that
+    /// returns at once.
     pub async fn sync(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let target = self.durability.committed.load(Ordering::Acquire);
+        if self.durability.durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
         let (reply, answer) = oneshot::channel();
         self.send(WriteRequest::Sync { reply }).await?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -560,6 +579,8 @@ struct Writer {
     heads: HashMap<(PublicKey, LogId), Head>,
     /// Shared with [`Store::next_seq`]: heads as committed.
     committed: Arc<std::sync::RwLock<HashMap<(PublicKey, LogId), u64>>>,
+    /// Shared with [`Store::sync`].
+    durability: Arc<Durability>,
     /// Logs whose head changed in the open transaction.
     dirty: HashMap<(PublicKey, LogId), Head>,
     /// Delivered positions not written yet.
@@ -619,9 +640,21 @@ impl Writer {
             }
             let mut replies = Vec::with_capacity(batch.len());
             let mut committed = Vec::new();
+            let appends_local = batch
+                .iter()
+                .any(|r| matches!(r, WriteRequest::AppendLocal { .. }));
             let result = self.apply(std::mem::take(&mut batch), &mut replies, &mut committed);
             match result {
                 Ok(()) => {
+                    use std::sync::atomic::Ordering;
+                    // Counted before anyone hears of the commit, so a sync that follows it
+                    // waits for it.
+                    if appends_local {
+                        let count = self.durability.committed.fetch_add(1, Ordering::AcqRel) + 1;
+                        if self.full_sync {
+                            self.durability.durable.fetch_max(count, Ordering::AcqRel);
+                        }
+                    }
                     {
                         let mut heads = self.committed.write().expect("committed heads lock");
                         for op in &committed {
@@ -642,12 +675,24 @@ impl Writer {
                             Reply::Synced(reply) => synced.push(reply),
                         }
                     }
-                    // After the operations went out: their fsync is off the delivery path.
-                    if !synced.is_empty() {
-                        // A durable append in this batch fsynced its commit already.
-                        let error = match self.full_sync {
-                            true => None,
-                            false => self.sync_wal().err().map(|err| err.to_string()),
+                    // After the operations went out: their fsync is off the delivery path. Done
+                    // at once for unsynced local appends (their publisher syncs next), and for
+                    // callers of `sync` whose commits are not on disk yet.
+                    if !synced.is_empty() || (appends_local && !self.full_sync) {
+                        let target = self.durability.committed.load(Ordering::Acquire);
+                        let error = if self.durability.durable.load(Ordering::Acquire) >= target {
+                            None
+                        } else {
+                            match self.sync_wal() {
+                                Ok(()) => {
+                                    self.durability.durable.fetch_max(target, Ordering::AcqRel);
+                                    None
+                                }
+                                Err(err) => {
+                                    tracing::error!(%err, "operation store fsync failed");
+                                    Some(err.to_string())
+                                }
+                            }
                         };
                         for reply in synced {
                             let _ = reply.send(match &error {
