@@ -174,6 +174,24 @@ impl S3Store {
         Duration::from_secs(self.config.operation_timeout_secs)
     }
 
+    /// Reads exactly `length` bytes at `offset` of an object in one GET: an answer of another
+    /// length is an error naming the key.
+    pub async fn get_exact(
+        &self,
+        key: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<bytes::Bytes, String> {
+        let data = self.get_range(key, Some((offset, length))).await?;
+        if data.len() as u64 != length {
+            return Err(format!(
+                "{key}: S3 sent {} bytes for {length} at offset {offset}",
+                data.len()
+            ));
+        }
+        Ok(data)
+    }
+
     /// Reads `(offset, length)` of an object with several ranged GETs of at most `piece` bytes
     /// in parallel (one GET stream is slower than the disk behind many S3 servers); returns the
     /// pieces in order.
@@ -184,14 +202,8 @@ impl S3Store {
         length: u64,
         piece: u64,
     ) -> Result<Vec<bytes::Bytes>, String> {
-        let pieces: Vec<(u64, u64)> = (0..length.div_ceil(piece.max(1)))
-            .map(|i| {
-                let start = i * piece;
-                (offset + start, piece.min(length - start))
-            })
-            .collect();
-        futures::future::try_join_all(pieces.into_iter().map(|r| self.get_range(key, Some(r))))
-            .await
+        let reads = piece_ranges(offset, length, piece);
+        futures::future::try_join_all(reads.into_iter().map(|r| self.get_range(key, Some(r)))).await
     }
 
     /// Writes a whole object (sidecars: manifests, outboards).
@@ -390,6 +402,18 @@ impl S3Store {
             },
         }
     }
+}
+
+/// `(offset, length)` of the GETs that read `length` bytes at `offset` in pieces of at most
+/// `piece` bytes, in order.
+pub fn piece_ranges(offset: u64, length: u64, piece: u64) -> Vec<(u64, u64)> {
+    let piece = piece.max(1);
+    (0..length.div_ceil(piece))
+        .map(|i| {
+            let start = i * piece;
+            (offset + start, piece.min(length - start))
+        })
+        .collect()
 }
 
 /// The innermost cause of an SDK error, which is where "connection refused" lives.

@@ -41,6 +41,8 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("operation store: {0}")]
     Write(#[from] rusqlite::Error),
+    #[error("operation store: cannot start its writer thread: {0}")]
+    Start(#[source] std::io::Error),
     #[error("operation store is shutting down")]
     Closed,
     #[error("stored operation is corrupt: {0}")]
@@ -143,6 +145,32 @@ pub struct Store {
 struct Durability {
     committed: std::sync::atomic::AtomicU64,
     durable: std::sync::atomic::AtomicU64,
+}
+
+impl Durability {
+    /// The count of commits to fsync, when some are not known to be on disk.
+    fn pending(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let target = self.committed.load(Ordering::Acquire);
+        (self.durable.load(Ordering::Acquire) < target).then_some(target)
+    }
+
+    /// Counts a commit with local appends; `on_disk` when that commit fsynced itself.
+    fn count_commit(&self, on_disk: bool) {
+        let count = self
+            .committed
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        if on_disk {
+            self.durable_through(count);
+        }
+    }
+
+    /// Records that the first `count` commits are on disk.
+    fn durable_through(&self, count: u64) {
+        self.durable
+            .fetch_max(count, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 const SCHEMA: &str = "
@@ -254,14 +282,14 @@ impl Store {
         // The writer has connections of its own, used synchronously on its own thread: a
         // transaction costs no round trip per statement. One chooses per commit whether it is
         // fsynced; the other (always `FULL`) makes the group commits of [`Store::sync`].
-        let open_writer = |synchronous: &str| -> Result<rusqlite::Connection, StoreError> {
+        let open_writer = || -> Result<rusqlite::Connection, StoreError> {
             let connection = rusqlite::Connection::open(path)?;
             connection.busy_timeout(std::time::Duration::from_secs(10))?;
-            connection.pragma_update(None, "synchronous", synchronous)?;
+            connection.pragma_update(None, "synchronous", "FULL")?;
             Ok(connection)
         };
-        let connection = open_writer("FULL")?;
-        let sync_connection = open_writer("FULL")?;
+        let connection = open_writer()?;
+        let sync_connection = open_writer()?;
         let own = key.public_key();
         let committed = Arc::new(std::sync::RwLock::new(
             heads
@@ -288,11 +316,11 @@ impl Store {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|err| StoreError::Corrupt(format!("store writer runtime: {err}")))?;
+            .map_err(StoreError::Start)?;
         std::thread::Builder::new()
             .name("rhio-store".into())
             .spawn(move || runtime.block_on(writer.run(requests)))
-            .map_err(|err| StoreError::Corrupt(format!("store writer thread: {err}")))?;
+            .map_err(StoreError::Start)?;
         Ok(Self {
             pool,
             writes,
@@ -382,9 +410,7 @@ impl Store {
     /// unsynced local appends, while their operations travel; a caller that comes after that
     /// returns at once.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering;
-        let target = self.durability.committed.load(Ordering::Acquire);
-        if self.durability.durable.load(Ordering::Acquire) >= target {
+        if self.durability.pending().is_none() {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
@@ -646,14 +672,10 @@ impl Writer {
             let result = self.apply(std::mem::take(&mut batch), &mut replies, &mut committed);
             match result {
                 Ok(()) => {
-                    use std::sync::atomic::Ordering;
                     // Counted before anyone hears of the commit, so a sync that follows it
                     // waits for it.
                     if appends_local {
-                        let count = self.durability.committed.fetch_add(1, Ordering::AcqRel) + 1;
-                        if self.full_sync {
-                            self.durability.durable.fetch_max(count, Ordering::AcqRel);
-                        }
+                        self.durability.count_commit(self.full_sync);
                     }
                     {
                         let mut heads = self.committed.write().expect("committed heads lock");
@@ -679,19 +701,19 @@ impl Writer {
                     // at once for unsynced local appends (their publisher syncs next), and for
                     // callers of `sync` whose commits are not on disk yet.
                     if !synced.is_empty() || (appends_local && !self.full_sync) {
-                        let target = self.durability.committed.load(Ordering::Acquire);
-                        let error = if self.durability.durable.load(Ordering::Acquire) >= target {
-                            None
-                        } else {
-                            match self.sync_wal() {
-                                Ok(()) => {
-                                    self.durability.durable.fetch_max(target, Ordering::AcqRel);
-                                    None
-                                }
-                                Err(err) => {
-                                    tracing::error!(%err, "operation store fsync failed");
-                                    Some(err.to_string())
-                                }
+                        let error = match self
+                            .durability
+                            .pending()
+                            .map(|target| (target, self.sync_wal()))
+                        {
+                            None => None,
+                            Some((target, Ok(()))) => {
+                                self.durability.durable_through(target);
+                                None
+                            }
+                            Some((_, Err(err))) => {
+                                tracing::error!(%err, "operation store fsync failed");
+                                Some(err.to_string())
                             }
                         };
                         for reply in synced {

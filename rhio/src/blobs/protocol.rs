@@ -347,25 +347,10 @@ impl Window {
         use futures::StreamExt;
         let (start, end) = range;
         let (sender, pieces) = tokio::sync::mpsc::channel(1);
-        let reads: Vec<(u64, u64)> = (start..end)
-            .step_by(S3_READ_PIECE as usize)
-            .map(|at| (offset + at, S3_READ_PIECE.min(end - at)))
-            .collect();
+        let reads = crate::s3::piece_ranges(offset + start, end - start, S3_READ_PIECE);
         runtime.spawn(async move {
             let mut gets = futures::stream::iter(reads)
-                .map(|(at, len)| {
-                    let (s3, key) = (&s3, &key);
-                    async move {
-                        let piece = s3.get_range(key, Some((at, len))).await?;
-                        if piece.len() as u64 != len {
-                            return Err(format!(
-                                "asked for {len} bytes at {at}, got {}",
-                                piece.len()
-                            ));
-                        }
-                        Ok(piece)
-                    }
-                })
+                .map(|(at, len)| s3.get_exact(&key, at, len))
                 .buffered(S3_PIECES_AHEAD);
             while let Some(piece) = gets.next().await {
                 let failed = piece.is_err();

@@ -991,17 +991,9 @@ impl Transfer<'_> {
                 let data = self
                     .replicator
                     .s3
-                    .get_range(&local.key, Some((local.offset + piece.start, piece.len())))
+                    .get_exact(&local.key, local.offset + piece.start, piece.len())
                     .await
                     .map_err(ReplicationError::Storage)?;
-                if data.len() != slot.len() {
-                    return Err(ReplicationError::Storage(format!(
-                        "{} returned {} of {} bytes",
-                        local.key,
-                        data.len(),
-                        piece.len()
-                    )));
-                }
                 self.replicator
                     .metrics
                     .replication_bytes_local
