@@ -73,19 +73,8 @@ pub struct Fetched {
     pub manifest: DatasetManifest,
 }
 
-#[derive(Deserialize)]
-struct Summary {
-    dataset: String,
-    version: u64,
-    author: String,
-    file_hash: String,
-    rows: u64,
-    row_groups: u64,
-    bytes: u64,
-    location: String,
-    created_at_micros: u64,
-    operation: String,
-}
+/// The node's announcement of a version (shared with the node through `rhio-core`).
+type Summary = rhio_core::api::DatasetEvent;
 
 impl Client {
     /// Every dataset version announced in the cluster, oldest first (all authors).

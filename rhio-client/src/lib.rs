@@ -16,6 +16,7 @@
 
 use std::time::Duration;
 
+use rhio_core::api::{IMPORT_SUBJECT, PROGRESS_PREFIX};
 use thiserror::Error;
 
 pub mod datasets;
@@ -25,7 +26,7 @@ pub use datasets::{DEFAULT_DATASET_STREAM, DatasetVersion, Fetched, S3Options, v
 pub use state::ClusterState;
 
 /// Subject of the node's status service.
-pub const STATUS_SUBJECT: &str = "rhio.status";
+pub use rhio_core::api::STATUS_SUBJECT;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -69,6 +70,16 @@ impl ClientError {
             ClientError::S3 { .. } => "s3",
             ClientError::Verification(_) => "verification",
             ClientError::Io(_) => "io",
+        }
+    }
+}
+
+impl From<ErrorBody> for ClientError {
+    /// A refusal keeps the node's code verbatim (also one this client does not know).
+    fn from(err: ErrorBody) -> Self {
+        ClientError::Refused {
+            code: err.code,
+            message: err.message,
         }
     }
 }
@@ -155,31 +166,12 @@ impl ReceivedMessage {
     }
 }
 
-/// A successful `rhio.import` (the node's reply).
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-pub struct ImportReply {
-    pub dataset: String,
-    pub version: u64,
-    pub author: String,
-    pub bytes: u64,
-    pub rows: u64,
-    pub row_groups: u64,
-    pub file_hash: String,
-    pub location: String,
-    pub subject: String,
-    pub operation: String,
-    /// True when these bytes were imported before and the existing version is answered.
-    #[serde(default)]
-    pub existing: bool,
-}
-
-/// An import's progress event (`rhio.progress.<dataset>`).
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-pub struct ImportProgress {
-    pub dataset: String,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-}
+/// The node's API types, shared with the node through `rhio-core` (one definition of each
+/// reply and error code on both sides).
+pub use rhio_core::api::{
+    DeadLetter, DeadLetters, ErrorBody, ErrorCode, ImportOutcome, ImportProgress, ImportReply,
+    ImportRequest, ReplayReply, ReplayRequest, Reply,
+};
 
 impl Client {
     /// Publishes into JetStream and waits for the stream's acknowledgement, so the message is
@@ -212,20 +204,28 @@ impl Client {
         Ok(ack.sequence)
     }
 
-    /// Follows messages on `subject` (wildcards allowed) and checks each one's provenance.
+    /// Follows messages on `subject` (wildcards allowed) and checks each one's provenance. The
+    /// subscription is registered at the NATS server when this returns, so a message published
+    /// afterwards (by anyone) is received.
     pub async fn subscribe(
         &self,
         subject: &str,
     ) -> Result<impl futures::Stream<Item = ReceivedMessage> + use<>, ClientError> {
         use futures::StreamExt;
+        let failed = |reason: String| ClientError::Request {
+            subject: subject.into(),
+            reason,
+        };
         let subscriber = self
             .nats
             .subscribe(subject.to_string())
             .await
-            .map_err(|err| ClientError::Request {
-                subject: subject.into(),
-                reason: err.to_string(),
-            })?;
+            .map_err(|err| failed(err.to_string()))?;
+        // The server has the SUB once it answered the PING a flush sends.
+        self.nats
+            .flush()
+            .await
+            .map_err(|err| failed(err.to_string()))?;
         Ok(subscriber.map(|message| {
             let headers: Vec<(String, String)> = message
                 .headers
@@ -261,13 +261,27 @@ impl Client {
         subject: Option<&str>,
         timeout: Duration,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::json!({"path": path, "dataset": dataset, "subject": subject});
-        let body = serde_json::to_vec(&body).expect("request serializes");
-        let answer = self.request("rhio.import", body, timeout).await?;
+        let answer = self.import_raw(path, dataset, subject, timeout).await?;
         serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-            subject: "rhio.import".into(),
+            subject: IMPORT_SUBJECT.into(),
             reason: err.to_string(),
         })
+    }
+
+    async fn import_raw(
+        &self,
+        path: &str,
+        dataset: Option<&str>,
+        subject: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let body = ImportRequest {
+            path: path.to_string(),
+            dataset: dataset.map(str::to_string),
+            subject: subject.map(str::to_string),
+        };
+        let body = serde_json::to_vec(&body).expect("request serializes");
+        self.request(IMPORT_SUBJECT, body, timeout).await
     }
 
     /// [`Client::import`] with a typed reply; a refusal is [`ClientError::Refused`] with the
@@ -279,23 +293,13 @@ impl Client {
         subject: Option<&str>,
         timeout: Duration,
     ) -> Result<ImportReply, ClientError> {
-        let answer = self.import(path, dataset, subject, timeout).await?;
-        if answer["ok"] != true {
-            return Err(ClientError::Refused {
-                code: answer["error"]["code"]
-                    .as_str()
-                    .unwrap_or("error")
-                    .to_string(),
-                message: answer["error"]["message"]
-                    .as_str()
-                    .unwrap_or("the node refused the import")
-                    .to_string(),
-            });
-        }
-        serde_json::from_value(answer).map_err(|err| ClientError::BadAnswer {
-            subject: "rhio.import".into(),
-            reason: err.to_string(),
-        })
+        let answer = self.import_raw(path, dataset, subject, timeout).await?;
+        let reply: Reply<ImportReply> =
+            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+                subject: IMPORT_SUBJECT.into(),
+                reason: err.to_string(),
+            })?;
+        reply.into_result().map_err(ClientError::from)
     }
 
     /// Progress events of the imports running in the cluster (subscribe before importing).
@@ -305,10 +309,10 @@ impl Client {
         use futures::StreamExt;
         let subscriber = self
             .nats
-            .subscribe("rhio.progress.>")
+            .subscribe(format!("{PROGRESS_PREFIX}.>"))
             .await
             .map_err(|err| ClientError::Request {
-                subject: "rhio.progress.>".into(),
+                subject: format!("{PROGRESS_PREFIX}.>"),
                 reason: err.to_string(),
             })?;
         Ok(subscriber.filter_map(|message| {
@@ -340,6 +344,44 @@ impl Client {
                 },
             })?;
         Ok(message.payload.to_vec())
+    }
+
+    /// The routed messages the node's local JetStream could not take, in log order.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, ClientError> {
+        let list: DeadLetters = self
+            .typed_request(
+                rhio_core::api::DEAD_LETTERS_LIST_SUBJECT,
+                &serde_json::json!({}),
+            )
+            .await?;
+        Ok(list.dead_letters)
+    }
+
+    /// Delivers dead letters again (all, or one by position) once the cause is fixed; a message
+    /// JetStream still refuses stops the replay with [`ClientError::Refused`]
+    /// (`delivery_failed`), and what went through before it stays delivered.
+    pub async fn replay_dead_letters(
+        &self,
+        request: &ReplayRequest,
+    ) -> Result<ReplayReply, ClientError> {
+        self.typed_request(rhio_core::api::DEAD_LETTERS_REPLAY_SUBJECT, request)
+            .await
+    }
+
+    /// A request with a JSON body whose answer is a [`Reply`] of `T`.
+    async fn typed_request<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).expect("request serializes");
+        let answer = self.request(subject, body, self.timeout * 6).await?;
+        let reply: Reply<T> =
+            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+                subject: subject.into(),
+                reason: err.to_string(),
+            })?;
+        reply.into_result().map_err(ClientError::from)
     }
 
     /// The underlying NATS client (for progress subscriptions and the like).

@@ -231,6 +231,9 @@ pub struct ImportConfig {
     pub queue_stream: String,
     /// Where the outcome of each queued import is published (core NATS).
     pub results_subject: String,
+    /// Attempts of a queued import that fails transiently (S3 unavailable, `busy`) before it
+    /// leaves the queue as a dead letter; permanent failures end after one attempt.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +256,7 @@ impl Default for ImportConfig {
             queue_subject: "rhio.import.queue".into(),
             queue_stream: "RHIO_IMPORTS".into(),
             results_subject: "rhio.import.results".into(),
+            max_attempts: 20,
         }
     }
 }
@@ -596,6 +600,12 @@ impl Config {
                 key: "import.max_concurrent",
                 reason: "import.max_concurrent and import.upload_concurrency must be at least 1"
                     .into(),
+            });
+        }
+        if self.import.max_attempts == 0 {
+            return Err(ConfigError::BadValue {
+                key: "import.max_attempts",
+                reason: "must be at least 1".into(),
             });
         }
         rhio_core::subject::validate_subject(&self.datasets.subject_prefix).map_err(|e| {

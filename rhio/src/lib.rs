@@ -16,6 +16,7 @@
 //! - [`datasets`]: `rhio.import`, and replication of other authors' datasets into this S3;
 //! - [`mirror`]: every available dataset version pushed to an OCI registry (Harbor);
 //! - [`status`], [`metrics`]: the status document and Prometheus metrics;
+//! - [`retry`]: the one backoff-with-jitter policy every retrying loop waits through;
 //! - [`node`]: starts all of the above and shuts them down in order.
 //!
 //! ```no_run
@@ -38,6 +39,7 @@ pub mod mirror;
 pub mod nats;
 pub mod network;
 pub mod node;
+pub mod retry;
 pub mod routing;
 pub mod s3;
 pub mod status;

@@ -52,6 +52,117 @@ pub enum S3Error {
     Unavailable { endpoint: String, message: String },
 }
 
+/// What kind of failure an S3 call met. It decides what the caller does next: a permanent kind
+/// fails the same way when tried again (answer the request with its code and stop), a transient
+/// one may pass later (retry with backoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum S3ErrorKind {
+    /// 404, `NoSuchKey`, `NoSuchBucket`: the object or bucket is not there.
+    NotFound,
+    /// 401 or 403: the credentials may not do this (bucket policy, ACL, signature).
+    Denied,
+    /// Another 4xx: the request itself is wrong (bad range, bad key, entity too large).
+    InvalidRequest,
+    /// No connection, 5xx, 429/503 `SlowDown`, a broken answer.
+    Unavailable,
+    /// No (complete) answer within the configured timeouts.
+    Timeout,
+}
+
+impl S3ErrorKind {
+    /// True when trying the same call again cannot succeed without someone changing something.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            S3ErrorKind::NotFound | S3ErrorKind::Denied | S3ErrorKind::InvalidRequest
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            S3ErrorKind::NotFound => "not_found",
+            S3ErrorKind::Denied => "denied",
+            S3ErrorKind::InvalidRequest => "invalid_request",
+            S3ErrorKind::Unavailable => "unavailable",
+            S3ErrorKind::Timeout => "timeout",
+        }
+    }
+
+    /// The kind of a failed SDK call, from the HTTP status and the S3 error code.
+    fn of<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Self {
+        match err {
+            SdkError::TimeoutError(_) => S3ErrorKind::Timeout,
+            SdkError::DispatchFailure(failure) if failure.is_timeout() => S3ErrorKind::Timeout,
+            SdkError::DispatchFailure(failure) if failure.is_user() => S3ErrorKind::InvalidRequest,
+            SdkError::ConstructionFailure(_) => S3ErrorKind::InvalidRequest,
+            SdkError::ServiceError(service) => {
+                Self::of_answer(service.raw().status().as_u16(), err.code())
+            }
+            _ => S3ErrorKind::Unavailable,
+        }
+    }
+
+    /// The kind of an error answer: HTTP status and S3 error code (`NoSuchKey`, ...).
+    pub fn of_answer(status: u16, code: Option<&str>) -> Self {
+        match (status, code) {
+            // The upload was aborted (by the sweep after a crash, say): the whole import or
+            // transfer can be started again, so for its caller this passes.
+            (_, Some("NoSuchUpload")) => S3ErrorKind::Unavailable,
+            (_, Some("NoSuchKey" | "NoSuchBucket" | "NotFound")) | (404, _) => {
+                S3ErrorKind::NotFound
+            }
+            (_, Some("AccessDenied" | "SignatureDoesNotMatch" | "InvalidAccessKeyId"))
+            | (401 | 403, _) => S3ErrorKind::Denied,
+            (_, Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable")) => {
+                S3ErrorKind::Unavailable
+            }
+            (408 | 429, _) => S3ErrorKind::Unavailable,
+            (400..=499, _) => S3ErrorKind::InvalidRequest,
+            _ => S3ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// A failed call on an object: which call, which key, what kind of failure and what S3 said.
+#[derive(Debug, Clone, Error)]
+#[error("S3 {call} of {key:?} failed ({}): {message}", kind.as_str())]
+pub struct ObjectError {
+    pub call: &'static str,
+    pub key: String,
+    pub kind: S3ErrorKind,
+    pub message: String,
+}
+
+impl ObjectError {
+    fn new(call: &'static str, key: &str, kind: S3ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            call,
+            key: key.to_string(),
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn sdk<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        call: &'static str,
+        key: &str,
+        err: &SdkError<E, HttpResponse>,
+    ) -> Self {
+        let kind = S3ErrorKind::of(err);
+        let message = match (err.code(), err.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_string(),
+            _ => describe(err),
+        };
+        Self::new(call, key, kind, message)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.kind.is_permanent()
+    }
+}
+
 /// Last known state of the bucket, as reported in status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct S3Status {
@@ -140,7 +251,7 @@ impl S3Store {
         &self,
         key: &str,
         range: Option<(u64, u64)>,
-    ) -> Result<bytes::Bytes, String> {
+    ) -> Result<bytes::Bytes, ObjectError> {
         let mut get = self
             .client
             .get_object()
@@ -156,17 +267,27 @@ impl S3Store {
         // still stall, so the whole read is bounded by the same limit.
         let limit = self.operation_timeout();
         let read = async {
-            let object = get.send().await.map_err(|err| describe(&err))?;
+            let object = get
+                .send()
+                .await
+                .map_err(|err| ObjectError::sdk("GET", key, &err))?;
             object
                 .body
                 .collect()
                 .await
                 .map(|data| data.into_bytes())
-                .map_err(|err| err.to_string())
+                .map_err(|err| {
+                    ObjectError::new("GET", key, S3ErrorKind::Unavailable, describe(&err))
+                })
         };
-        tokio::time::timeout(limit, read)
-            .await
-            .map_err(|_| format!("{key}: no complete answer from S3 within {limit:?}"))?
+        tokio::time::timeout(limit, read).await.map_err(|_| {
+            ObjectError::new(
+                "GET",
+                key,
+                S3ErrorKind::Timeout,
+                format!("no complete answer within {limit:?}"),
+            )
+        })?
     }
 
     /// Longest one S3 call may take (`s3.operation_timeout_secs`).
@@ -181,12 +302,19 @@ impl S3Store {
         key: &str,
         offset: u64,
         length: u64,
-    ) -> Result<bytes::Bytes, String> {
+    ) -> Result<bytes::Bytes, ObjectError> {
         let data = self.get_range(key, Some((offset, length))).await?;
         if data.len() as u64 != length {
-            return Err(format!(
-                "{key}: S3 sent {} bytes for {length} at offset {offset}",
-                data.len()
+            // The object is shorter than it should be (replaced, truncated): asking again
+            // gets the same answer.
+            return Err(ObjectError::new(
+                "GET",
+                key,
+                S3ErrorKind::InvalidRequest,
+                format!(
+                    "S3 sent {} bytes for {length} at offset {offset}",
+                    data.len()
+                ),
             ));
         }
         Ok(data)
@@ -201,13 +329,13 @@ impl S3Store {
         offset: u64,
         length: u64,
         piece: u64,
-    ) -> Result<Vec<bytes::Bytes>, String> {
+    ) -> Result<Vec<bytes::Bytes>, ObjectError> {
         let reads = piece_ranges(offset, length, piece);
         futures::future::try_join_all(reads.into_iter().map(|r| self.get_range(key, Some(r)))).await
     }
 
     /// Writes a whole object (sidecars: manifests, outboards).
-    pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
+    pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), ObjectError> {
         self.client
             .put_object()
             .bucket(&self.config.bucket)
@@ -216,13 +344,13 @@ impl S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|err| describe(&err))
+            .map_err(|err| ObjectError::sdk("PUT", key, &err))
     }
 
     /// Starts a multipart upload of a Parquet object; returns its upload id. The object
     /// appears only when [`S3Store::complete_upload`] succeeds. Import and replication both
     /// write through these four calls.
-    pub async fn create_upload(&self, key: &str) -> Result<String, String> {
+    pub async fn create_upload(&self, key: &str) -> Result<String, ObjectError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -231,11 +359,19 @@ impl S3Store {
             .content_type("application/vnd.apache.parquet")
             .send()
             .await
-            .map_err(|err| describe(&err))?;
+            .map_err(|err| ObjectError::sdk("CreateMultipartUpload", key, &err))?;
         created
             .upload_id()
+            .filter(|id| !id.is_empty())
             .map(str::to_string)
-            .ok_or_else(|| "S3 answered without an upload id".to_string())
+            .ok_or_else(|| {
+                ObjectError::new(
+                    "CreateMultipartUpload",
+                    key,
+                    S3ErrorKind::Unavailable,
+                    "S3 answered without an upload id",
+                )
+            })
     }
 
     /// Uploads part `number` (from 1); returns its ETag.
@@ -245,7 +381,7 @@ impl S3Store {
         upload_id: &str,
         number: u32,
         body: Vec<u8>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ObjectError> {
         let uploaded = self
             .client
             .upload_part()
@@ -256,8 +392,17 @@ impl S3Store {
             .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|err| describe(&err))?;
-        Ok(uploaded.e_tag().unwrap_or_default().to_string())
+            .map_err(|err| ObjectError::sdk("UploadPart", key, &err))?;
+        // Completing the upload needs every part's ETag: a part without one cannot be used.
+        match uploaded.e_tag() {
+            Some(etag) if !etag.is_empty() => Ok(etag.to_string()),
+            _ => Err(ObjectError::new(
+                "UploadPart",
+                key,
+                S3ErrorKind::Unavailable,
+                format!("S3 answered part {number} without an ETag"),
+            )),
+        }
     }
 
     /// Completes an upload from its parts, (number, ETag) in order.
@@ -266,7 +411,7 @@ impl S3Store {
         key: &str,
         upload_id: &str,
         parts: &[(u32, String)],
-    ) -> Result<(), String> {
+    ) -> Result<(), ObjectError> {
         let parts = parts
             .iter()
             .map(|(number, etag)| {
@@ -289,11 +434,11 @@ impl S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|err| describe(&err))
+            .map_err(|err| ObjectError::sdk("CompleteMultipartUpload", key, &err))
     }
 
     /// Aborts an upload (its parts are dropped by S3).
-    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), String> {
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
         self.client
             .abort_multipart_upload()
             .bucket(&self.config.bucket)
@@ -302,16 +447,16 @@ impl S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|err| describe(&err))
+            .map_err(|err| ObjectError::sdk("AbortMultipartUpload", key, &err))
     }
 
     /// True when `key` exists.
-    pub async fn exists(&self, key: &str) -> Result<bool, String> {
+    pub async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
         Ok(self.object_size(key).await?.is_some())
     }
 
     /// The size of object `key`, `None` when it does not exist.
-    pub async fn object_size(&self, key: &str) -> Result<Option<u64>, String> {
+    pub async fn object_size(&self, key: &str) -> Result<Option<u64>, ObjectError> {
         match self
             .client
             .head_object()
@@ -322,7 +467,7 @@ impl S3Store {
         {
             Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
             Err(SdkError::ServiceError(err)) if err.err().is_not_found() => Ok(None),
-            Err(err) => Err(describe(&err)),
+            Err(err) => Err(ObjectError::sdk("HEAD", key, &err)),
         }
     }
 
@@ -360,15 +505,13 @@ impl S3Store {
                             tracing::info!(bucket, "created S3 bucket");
                             Ok(())
                         }
-                        Err(err) => match self.classify(&err) {
-                            // Another node may have created it a moment ago.
-                            S3Error::Unavailable { ref message, .. }
-                                if message.contains("BucketAlreadyOwnedByYou") =>
-                            {
-                                Ok(())
-                            }
-                            other => Err(other),
-                        },
+                        // Another node may have created it a moment ago.
+                        Err(SdkError::ServiceError(err))
+                            if err.err().is_bucket_already_owned_by_you() =>
+                        {
+                            Ok(())
+                        }
+                        Err(err) => Err(self.classify(&err)),
                     }
                 }
                 other => Err(other),
@@ -382,19 +525,12 @@ impl S3Store {
     ) -> S3Error {
         let endpoint = self.config.endpoint.clone();
         let bucket = self.config.bucket.clone();
-        let status = match err {
-            SdkError::ServiceError(service) => Some(service.raw().status().as_u16()),
-            _ => None,
-        };
-        let code = err.code().map(str::to_string);
-        match (status, code.as_deref()) {
-            (Some(404), _) | (_, Some("NoSuchBucket")) | (_, Some("NotFound")) => {
-                S3Error::MissingBucket { bucket, endpoint }
-            }
-            (Some(401 | 403), _) => S3Error::AccessDenied {
+        match S3ErrorKind::of(err) {
+            S3ErrorKind::NotFound => S3Error::MissingBucket { bucket, endpoint },
+            S3ErrorKind::Denied => S3Error::AccessDenied {
                 bucket,
                 endpoint,
-                message: code.unwrap_or_else(|| "access denied".into()),
+                message: err.code().unwrap_or("access denied").to_string(),
             },
             _ => S3Error::Unavailable {
                 endpoint,
@@ -458,6 +594,38 @@ pub async fn watch_bucket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_sorted_into_permanent_and_transient_kinds() {
+        use S3ErrorKind::*;
+        let cases = [
+            (404, None, NotFound),
+            (404, Some("NoSuchKey"), NotFound),
+            (400, Some("NoSuchBucket"), NotFound),
+            (403, Some("AccessDenied"), Denied),
+            (403, None, Denied),
+            (400, Some("InvalidAccessKeyId"), Denied),
+            (401, None, Denied),
+            (400, Some("InvalidArgument"), InvalidRequest),
+            (416, Some("InvalidRange"), InvalidRequest),
+            (413, None, InvalidRequest),
+            (404, Some("NoSuchUpload"), Unavailable),
+            (400, Some("RequestTimeout"), Unavailable),
+            (503, Some("SlowDown"), Unavailable),
+            (429, None, Unavailable),
+            (500, None, Unavailable),
+            (502, None, Unavailable),
+        ];
+        for (status, code, kind) in cases {
+            assert_eq!(
+                S3ErrorKind::of_answer(status, code),
+                kind,
+                "{status} {code:?}"
+            );
+        }
+        assert!(NotFound.is_permanent() && Denied.is_permanent() && InvalidRequest.is_permanent());
+        assert!(!Unavailable.is_permanent() && !Timeout.is_permanent());
+    }
 
     #[test]
     fn credentials_prefer_config_then_environment() {

@@ -102,13 +102,13 @@ impl NodeStatus {
                 .peers
                 .nodes
                 .iter()
-                .filter(|peer| peer.state == "suspect")
+                .filter(|peer| peer.state == crate::network::Liveness::Suspect)
                 .count(),
             peers_failed: self
                 .peers
                 .nodes
                 .iter()
-                .filter(|peer| peer.state == "failed")
+                .filter(|peer| peer.state == crate::network::Liveness::Failed)
                 .count(),
             uptime_secs: self.uptime_secs,
         }
@@ -248,7 +248,7 @@ pub async fn serve_status(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    crate::nats::serve_requests(nats.client().clone(), STATUS_SUBJECT, shutdown, |_| {
+    crate::nats::serve_requests(nats.client().clone(), STATUS_SUBJECT, 4, shutdown, |_| {
         metrics.status_requests.inc();
         let body = serde_json::to_vec(&status.snapshot()).expect("status serializes");
         std::future::ready(body)

@@ -279,10 +279,19 @@ fn queue_import(
     nats_url: &str,
     file: &std::path::Path,
 ) -> (async_nats::Client, async_nats::Subscriber) {
+    queue_request(rt, nats_url, file.to_str().unwrap())
+}
+
+/// [`queue_import`] of any request body (`s3://...`, JSON).
+fn queue_request(
+    rt: &tokio::runtime::Runtime,
+    nats_url: &str,
+    request: &str,
+) -> (async_nats::Client, async_nats::Subscriber) {
     rt.block_on(async {
         let client = async_nats::connect(nats_url).await.unwrap();
         let js = async_nats::jetstream::new(client.clone());
-        js.create_stream(async_nats::jetstream::stream::Config {
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
             name: "RHIO_IMPORTS".into(),
             subjects: vec!["rhio.import.queue".into()],
             retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
@@ -290,16 +299,13 @@ fn queue_import(
         })
         .await
         .unwrap();
-        js.publish(
-            "rhio.import.queue",
-            file.to_str().unwrap().to_string().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
         let results = client.subscribe("rhio.import.results").await.unwrap();
         client.flush().await.unwrap();
+        js.publish("rhio.import.queue", request.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         (client, results)
     })
 }
@@ -338,27 +344,147 @@ fn queued_imports_survive_a_node_that_was_down() {
     assert_eq!(outcome["dataset"], "queued");
     assert_eq!(outcome["request"], file.to_str().unwrap());
     // Acked after the import: the work queue is empty.
-    let left = rt.block_on(async {
-        let js = async_nats::jetstream::new(results.0.clone());
-        let mut waited = 0;
-        loop {
-            let messages = js
-                .get_stream("RHIO_IMPORTS")
-                .await
-                .unwrap()
-                .get_info()
-                .await
-                .unwrap()
-                .state
-                .messages;
-            if messages == 0 || waited > 50 {
-                return messages;
-            }
-            waited += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    wait_queue_empty(&rt, &results.0);
+}
+
+/// Waits until the durable import queue holds no request (an ended request is acked and
+/// removed; one that is still queued would be delivered again).
+fn wait_queue_empty(rt: &tokio::runtime::Runtime, client: &async_nats::Client) {
+    common::wait_for(
+        "the import queue to be empty",
+        Duration::from_secs(10),
+        || {
+            let messages = rt.block_on(async {
+                async_nats::jetstream::new(client.clone())
+                    .get_stream("RHIO_IMPORTS")
+                    .await
+                    .unwrap()
+                    .get_info()
+                    .await
+                    .unwrap()
+                    .state
+                    .messages
+            });
+            (messages == 0).then_some(())
+        },
+    );
+}
+
+/// Fault: S3 fails a queued import. A transient failure (S3 down) is retried up to
+/// `import.max_attempts` and then leaves the queue as a dead letter; a permanent one (S3 answers
+/// 403 because the node's credentials are refused) ends after one attempt with its code, instead
+/// of being retried for good.
+#[test]
+fn queued_imports_end_on_permanent_s3_errors_and_dead_letter_after_max_attempts() {
+    let env = LocalEnv::up(1);
+    let cluster = &env.clusters[0];
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let file = dir.path().join("refused.parquet");
+    make_parquet(&["sized", file.to_str().unwrap(), "2", "1024"]);
+    let key = "incoming/refused.parquet";
+    rt.block_on(async {
+        s3_client(cluster)
+            .put_object()
+            .bucket(&cluster.s3_bucket)
+            .key(key)
+            .body(std::fs::read(&file).unwrap().into())
+            .send()
+            .await
+            .unwrap();
     });
-    assert_eq!(left, 0);
+    let spec = NodeSpec::for_cluster(cluster, &dir.path().join("node"));
+    let node = RhioNode::start_with_sets(spec, ["import.max_attempts=2"]);
+    node.wait_healthy();
+    let request = format!("s3://{}/{key}", cluster.s3_bucket);
+
+    // Transient: S3 is down. Two attempts, the second one the dead letter.
+    env.stop(&format!("s3-{}", cluster.name));
+    let (client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
+    let first = next_result(&rt, &mut results);
+    assert_eq!(first["ok"], false, "{first}");
+    assert_eq!(first["error"]["code"], "storage_unavailable", "{first}");
+    assert_eq!(first["attempt"], 1, "{first}");
+    assert_eq!(first["will_retry"], true, "{first}");
+    assert_eq!(first["dead_letter"], false, "{first}");
+    let last = next_result(&rt, &mut results);
+    assert_eq!(last["error"]["code"], "storage_unavailable", "{last}");
+    assert_eq!(last["attempt"], 2, "{last}");
+    assert_eq!(last["will_retry"], false, "{last}");
+    assert_eq!(last["dead_letter"], true, "{last}");
+    wait_queue_empty(&rt, &client);
+
+    // Permanent: the S3 server answers again, on the same port and data, but no longer accepts
+    // the node's credentials (403 on every call).
+    if std::env::var("RHIODEV_S3").is_ok_and(|backend| backend != "s3s-fs") {
+        eprintln!("the 403 half of this test needs s3s-fs (credentials set at its start)");
+        return;
+    }
+    let _refusing = RefusingS3::start(&env, cluster);
+    let (client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
+    let refused = next_result(&rt, &mut results);
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["error"]["code"], "storage_denied", "{refused}");
+    assert_eq!(refused["attempt"], 1, "{refused}");
+    assert_eq!(refused["will_retry"], false, "{refused}");
+    assert_eq!(refused["dead_letter"], false, "{refused}");
+    // Ended in that one attempt: nothing is left to deliver again.
+    wait_queue_empty(&rt, &client);
+    // The same request over rhio.import answers the same code at once.
+    let answer = rt.block_on(common::rhio_import(&cluster.nats_url, &request, None));
+    assert_eq!(answer["error"]["code"], "storage_denied", "{answer}");
+    assert!(node.health().is_some(), "the node keeps running");
+}
+
+/// An s3s-fs on a cluster's S3 port and data that accepts other credentials than the node's.
+struct RefusingS3(std::process::Child);
+
+impl RefusingS3 {
+    fn start(env: &LocalEnv, cluster: &common::Cluster) -> Self {
+        let binary = std::env::var("RHIODEV_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                let cache = std::env::var("RHIODEV_CACHE")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| {
+                        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/rhio")
+                    });
+                cache.join("s3s-fs/bin/s3s-fs")
+            });
+        let port = cluster
+            .s3_endpoint
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/');
+        let data = env.s3_object_path(0, "");
+        let data = data.parent().unwrap();
+        let child = std::process::Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", port])
+            .args([
+                "--access-key",
+                "someone-else",
+                "--secret-key",
+                "not-the-nodes-secret",
+            ])
+            .arg(data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        common::wait_for("the refusing S3 to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(addr).ok()
+        });
+        Self(child)
+    }
+}
+
+impl Drop for RefusingS3 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Fault: the node is killed (SIGKILL) in the middle of a queued import. The request stays in

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use super::{BAO_BLOCK_SIZE, BlobIndex};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::network::Members;
-use crate::s3::S3Store;
+use crate::s3::{ObjectError, S3Store};
 
 /// Protocol id (bound to the network id by p2panda-net).
 pub const BLOBS_ALPN: &[u8] = b"rhio/blobs/1";
@@ -152,7 +152,7 @@ impl BlobServer {
         }
     }
 
-    async fn outboard(&self, hash: &blake3::Hash) -> Result<Arc<Vec<u8>>, String> {
+    async fn outboard(&self, hash: &blake3::Hash) -> Result<Arc<Vec<u8>>, ObjectError> {
         if let Some(outboard) = self
             .outboards
             .lock()
@@ -165,8 +165,7 @@ impl BlobServer {
         let bytes = self
             .s3
             .get_range(&crate::s3::keys::outboard(hash), None)
-            .await
-            .map_err(|err| format!("outboard of {hash}: {err}"))?;
+            .await?;
         let outboard = Arc::new(bytes.to_vec());
         let mut cache = self.outboards.lock().expect("outboard cache lock");
         if cache.entries.insert(*hash, outboard.clone()).is_none() {
@@ -214,11 +213,8 @@ impl BlobServer {
             // The first piece before answering `Ok`: an object that is gone or an S3 that is
             // down is refused as before; a failure later ends the answer early (the client
             // sees a transport error and asks another peer).
-            window
-                .first()
-                .await
-                .map_err(|err| format!("{}: {err}", location.key))?;
-            Ok::<_, String>((outboard, window))
+            window.first().await?;
+            Ok::<_, WindowError>((outboard, window))
         };
         match read.await {
             Ok((outboard, window)) => Ok(Prepared {
@@ -227,12 +223,27 @@ impl BlobServer {
                 window,
                 _permits: (peer_permit, permit),
             }),
+            // The object or its outboard is gone (deleted, or never fully written): this node
+            // does not have the blob, and the peer asks the next one at once.
+            Err(WindowError::S3(err)) if err.kind == crate::s3::S3ErrorKind::NotFound => {
+                tracing::warn!(%peer, hash = %request.hash, %err, "a blob in the index is missing from S3");
+                Err(Status::NotFound)
+            }
             Err(err) => {
                 tracing::warn!(%peer, hash = %request.hash, %err, "cannot serve a blob range");
                 Err(Status::Unavailable)
             }
         }
     }
+}
+
+/// Why the bytes of an answer could not be read.
+#[derive(Debug, Error)]
+enum WindowError {
+    #[error(transparent)]
+    S3(#[from] ObjectError),
+    #[error("the S3 reads stopped")]
+    Stopped,
 }
 
 /// A request ready to be answered: holds its concurrency permits until the answer is sent.
@@ -331,7 +342,7 @@ struct WindowState {
     current: Option<(u64, Bytes)>,
     /// Blob offset of the next piece to arrive.
     next: u64,
-    pieces: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    pieces: tokio::sync::mpsc::Receiver<Result<Bytes, ObjectError>>,
 }
 
 impl Window {
@@ -367,7 +378,7 @@ impl Window {
         start: u64,
         end: u64,
         size: u64,
-        pieces: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+        pieces: tokio::sync::mpsc::Receiver<Result<Bytes, ObjectError>>,
     ) -> Self {
         Self {
             start,
@@ -382,7 +393,7 @@ impl Window {
     }
 
     /// Waits for the first piece (async: before the answer starts).
-    async fn first(&mut self) -> Result<(), String> {
+    async fn first(&mut self) -> Result<(), WindowError> {
         if self.start == self.end {
             return Ok(());
         }
@@ -393,8 +404,8 @@ impl Window {
 }
 
 impl WindowState {
-    fn accept(&mut self, piece: Option<Result<Bytes, String>>) -> Result<(), String> {
-        let piece = piece.ok_or("the S3 reads stopped")??;
+    fn accept(&mut self, piece: Option<Result<Bytes, ObjectError>>) -> Result<(), WindowError> {
+        let piece = piece.ok_or(WindowError::Stopped)??;
         let at = self.next;
         self.next += piece.len() as u64;
         self.current = Some((at, piece));

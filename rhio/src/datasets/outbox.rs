@@ -23,8 +23,25 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::store::Store;
 
 /// Pauses between attempts while announcements fail.
-const MIN_RETRY: Duration = Duration::from_millis(500);
-const MAX_RETRY: Duration = Duration::from_secs(30);
+const RETRY: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// Longest wait for JetStream's acknowledgement of one announcement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a version could not be announced (it stays queued and is tried again).
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error("reading its manifest: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("the manifest of {0} is not in the store")]
+    NoManifest(super::transfers::VersionId),
+    #[error("its manifest does not decode: {0}")]
+    Manifest(#[from] rhio_core::manifest::ManifestError),
+    #[error("publishing: {0}")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
+    #[error("no PubAck within {ACK_TIMEOUT:?}")]
+    NoAck,
+}
 
 /// Handle to queue announcements; cheap to clone.
 #[derive(Clone)]
@@ -83,7 +100,7 @@ impl Outbox {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
-        let mut retry = MIN_RETRY;
+        let mut attempts = RETRY.attempts();
         loop {
             let pending = match self.state.pending_announcements().await {
                 Ok(pending) => pending,
@@ -119,7 +136,7 @@ impl Outbox {
                             author = %announcement.id.author,
                             subject = %announcement.subject,
                             %err,
-                            retry_in = ?retry,
+                            failures = attempts.failures() + 1,
                             "dataset version available but not announced yet (is NATS up and a stream capturing the subject?); retrying"
                         );
                         failed = true;
@@ -128,17 +145,15 @@ impl Outbox {
                 }
             }
             let pause = if failed {
-                let pause = retry;
-                retry = (retry * 2).min(MAX_RETRY);
-                Some(pause)
+                Some(attempts.next_delay(crate::retry::jitter()))
             } else {
-                retry = MIN_RETRY;
+                attempts.reset();
                 None
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified(), if pause.is_none() => {}
-                _ = tokio::time::sleep(pause.unwrap_or(MAX_RETRY)) => {}
+                _ = tokio::time::sleep(pause.unwrap_or(RETRY.max)) => {}
             }
         }
     }
@@ -148,16 +163,15 @@ async fn publish(
     js: &async_nats::jetstream::Context,
     store: &Store,
     announcement: &Announcement,
-) -> Result<(), String> {
+) -> Result<(), AnnounceError> {
     let id = &announcement.id;
     let op = store
         .operation(&id.author, &LogId::Dataset(id.dataset.clone()), id.version)
-        .await
-        .map_err(|err| err.to_string())?
-        .ok_or_else(|| format!("the manifest of {id} is not in the store"))?;
-    let manifest = DatasetManifest::decode(&op.body).map_err(|err| err.to_string())?;
+        .await?
+        .ok_or_else(|| AnnounceError::NoManifest(id.clone()))?;
+    let manifest = DatasetManifest::decode(&op.body)?;
     tokio::time::timeout(
-        Duration::from_secs(10),
+        ACK_TIMEOUT,
         announce(
             js,
             &announcement.subject,
@@ -167,7 +181,7 @@ async fn publish(
         ),
     )
     .await
-    .map_err(|_| "no PubAck within 10 s".to_string())?
+    .map_err(|_| AnnounceError::NoAck)?
 }
 
 /// Publishes a version's summary on the local JetStream `subject` with the provenance headers of
@@ -178,28 +192,15 @@ async fn announce(
     manifest: &DatasetManifest,
     op: &SignedOperation,
     location: &str,
-) -> Result<(), String> {
-    let summary = serde_json::json!({
-        "dataset": manifest.dataset,
-        "version": manifest.version,
-        "author": manifest.author,
-        "file_hash": manifest.file_hash,
-        "rows": manifest.rows,
-        "row_groups": manifest.blobs.len().saturating_sub(1),
-        "bytes": manifest.file_size,
-        "schema": manifest.schema,
-        "location": location,
-        "created_at_micros": manifest.created_at_micros,
-        "operation": op.hash.to_hex().to_string(),
-    });
+) -> Result<(), AnnounceError> {
+    let summary = rhio_core::api::DatasetEvent::of(manifest, &op.hash.to_hex(), location);
+    let summary = serde_json::to_vec(&summary).expect("event serializes");
     let mut headers = async_nats::HeaderMap::new();
     for (name, value) in rhio_core::message::provenance_headers(op) {
         headers.insert(name, value.as_str());
     }
-    js.publish_with_headers(subject.to_string(), headers, summary.to_string().into())
-        .await
-        .map_err(|err| err.to_string())?
-        .await
-        .map(|_| ())
-        .map_err(|err| err.to_string())
+    js.publish_with_headers(subject.to_string(), headers, summary.into())
+        .await?
+        .await?;
+    Ok(())
 }

@@ -56,15 +56,21 @@ const FETCH_ROUNDS: usize = 20;
 /// A peer that could not be reached is skipped for this long.
 const PEER_COOLDOWN: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const MIN_RETRY: Duration = Duration::from_secs(1);
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Pause between rounds over the peers for one range.
+const FETCH_RETRY: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
+/// Backoff of a dataset log whose next version failed transiently (S3 or peers unavailable).
+const TRANSFER_RETRY: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+/// A worker with nothing to do for this long ends; the next operation of its log starts it again.
+const WORKER_IDLE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Error)]
 pub enum ReplicationError {
     #[error("manifest: {0}")]
     Manifest(String),
-    #[error("S3: {0}")]
-    Storage(String),
+    #[error(transparent)]
+    Storage(#[from] crate::s3::ObjectError),
     #[error("state: {0}")]
     State(#[from] sqlx::Error),
     #[error("no peer could serve blob {hash} range {start}..{end}: {last}")]
@@ -301,9 +307,8 @@ pub struct Replicator {
     /// Makes the run loop wake every worker (after `rhio.retry`).
     rescan: Arc<Notify>,
     /// (peer, blob) pairs whose bytes did not verify: that peer is not asked for that blob
-    /// again, in this transfer, its retries, or other versions sharing the blob (until the
-    /// node restarts).
-    bad_sources: Arc<Mutex<HashSet<(PublicKey, blake3::Hash)>>>,
+    /// again for [`BAD_SOURCE_TTL`] (this transfer, its retries, other versions sharing the blob).
+    bad_sources: BadSources,
     peers: PeerConnections,
     running: Arc<tokio::sync::Semaphore>,
 }
@@ -380,6 +385,17 @@ impl Replicator {
         loop {
             let op = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                // A worker that was idle for WORKER_IDLE ended: forget it, and start it again
+                // if its log was woken in the meantime.
+                Some(Ok((author, dataset))) = tasks.join_next(), if !tasks.is_empty() => {
+                    let key = (author, dataset);
+                    if let Some(notify) = workers.remove(&key)
+                        && futures::FutureExt::now_or_never(notify.notified()).is_some()
+                    {
+                        self.wake(&mut workers, &mut tasks, key.0, key.1, &shutdown);
+                    }
+                    continue;
+                }
                 _ = self.rescan.notified() => {
                     for notify in workers.values() {
                         notify.notify_one();
@@ -418,7 +434,7 @@ impl Replicator {
     fn wake(
         &self,
         workers: &mut HashMap<(PublicKey, String), Arc<Notify>>,
-        tasks: &mut tokio::task::JoinSet<()>,
+        tasks: &mut tokio::task::JoinSet<(PublicKey, String)>,
         author: PublicKey,
         dataset: String,
         shutdown: &CancellationToken,
@@ -434,16 +450,17 @@ impl Replicator {
         notify.notify_one();
     }
 
-    /// Replicates the versions of one dataset log in order.
+    /// Replicates the versions of one dataset log in order; ends (returning its log) at shutdown
+    /// or after [`WORKER_IDLE`] with nothing to do, so idle logs hold no task.
     async fn worker(
         self,
         author: PublicKey,
         dataset: String,
         notify: Arc<Notify>,
         shutdown: CancellationToken,
-    ) {
+    ) -> (PublicKey, String) {
         let log = LogId::Dataset(dataset.clone());
-        let mut retry = MIN_RETRY;
+        let mut attempts = TRANSFER_RETRY.attempts();
         // Set after a whole-file hash mismatch: the next attempt fetches every blob from peers.
         let mut remote_only: Option<u64> = None;
         loop {
@@ -456,21 +473,22 @@ impl Replicator {
             };
             let Some(op) = next else {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return (author, dataset),
                     _ = notify.notified() => continue,
+                    _ = tokio::time::sleep(WORKER_IDLE) => return (author, dataset),
                 }
             };
             let result = {
                 let Ok(_permit) = self.running.acquire().await else {
-                    return;
+                    return (author, dataset);
                 };
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return (author, dataset),
                     result = self.replicate(&op, remote_only == Some(op.seq())) => result,
                 }
             };
             match result {
-                Ok(()) => retry = MIN_RETRY,
+                Ok(()) => attempts.reset(),
                 Err(err @ ReplicationError::FileHash { .. }) if remote_only != Some(op.seq()) => {
                     // Every fetched range verified, so a blob read from this cluster's S3 is
                     // damaged (or the manifest is wrong): try once more with peers only.
@@ -500,12 +518,11 @@ impl Replicator {
                         .replication_versions
                         .get_or_create(&OutcomeLabels { outcome: "retry" })
                         .inc();
+                    let retry = attempts.next_delay(crate::retry::jitter());
                     tracing::warn!(%author, dataset, version = op.seq(), %err, retry_in = ?retry, "replication paused");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(retry) => {}
+                    if !crate::retry::sleep(retry, &shutdown).await {
+                        return (author, dataset);
                     }
-                    retry = (retry * 2).min(MAX_RETRY);
                 }
             }
         }
@@ -669,7 +686,7 @@ impl Replicator {
     /// Answers `rhio.retry` until shutdown: `{"author": "<hex>", "dataset": "...", "version": N}`
     /// forgets that the version failed, so its worker replicates it again.
     pub async fn serve_retry(self, nats: async_nats::Client, shutdown: CancellationToken) {
-        crate::nats::serve_requests(nats, RETRY_SUBJECT, shutdown, |payload| {
+        crate::nats::serve_requests(nats, RETRY_SUBJECT, 4, shutdown, |payload| {
             let replicator = self.clone();
             async move {
                 let answer = match replicator.retry(&payload).await {
@@ -769,7 +786,42 @@ impl Replicator {
 }
 
 /// Subject of the request/reply service that replicates a failed version again.
-pub const RETRY_SUBJECT: &str = "rhio.retry";
+pub use rhio_core::api::RETRY_SUBJECT;
+
+/// How long a peer that sent bytes of a blob that did not verify is not asked for that blob
+/// again. Long enough to finish the transfer (and its retries) from others; short enough that a
+/// peer whose object was damaged once and repaired, or a transient fault, is not banned for good.
+pub const BAD_SOURCE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// (peer, blob) pairs that sent corrupt data, each until it expires. Bounded: expired entries
+/// are dropped whenever one is added.
+#[derive(Clone, Default)]
+struct BadSources {
+    entries: Arc<Mutex<HashMap<(PublicKey, blake3::Hash), std::time::Instant>>>,
+}
+
+impl BadSources {
+    fn insert(&self, peer: PublicKey, hash: blake3::Hash) {
+        let now = std::time::Instant::now();
+        let mut entries = self.entries.lock().expect("bad sources lock");
+        entries.retain(|_, until| *until > now);
+        entries.insert((peer, hash), now + BAD_SOURCE_TTL);
+    }
+
+    fn contains(&self, peer: PublicKey, hash: blake3::Hash) -> bool {
+        let now = std::time::Instant::now();
+        self.entries
+            .lock()
+            .expect("bad sources lock")
+            .get(&(peer, hash))
+            .is_some_and(|until| *until > now)
+    }
+
+    /// True when every one of `peers` is a bad source of `hash`.
+    fn all(&self, peers: &[PublicKey], hash: blake3::Hash) -> bool {
+        peers.iter().all(|peer| self.contains(*peer, hash))
+    }
+}
 
 /// One version being replicated.
 struct Transfer<'a> {
@@ -1038,14 +1090,7 @@ impl Transfer<'_> {
             let mut tried = 0;
             for i in 0..count {
                 let peer = candidates[(i + rotation as usize) % count];
-                if self
-                    .replicator
-                    .bad_sources
-                    .lock()
-                    .expect("bad sources lock")
-                    .contains(&(peer, hash))
-                    || peers.cooling(&peer)
-                {
+                if self.replicator.bad_sources.contains(peer, hash) || peers.cooling(&peer) {
                     continue;
                 }
                 tried += 1;
@@ -1078,11 +1123,7 @@ impl Transfer<'_> {
                     Err(FetchError::Corrupt(detail)) => {
                         self.replicator.metrics.replication_corrupt_ranges.inc();
                         tracing::warn!(%peer, dataset = %self.id.dataset, blob = %hash, detail, "peer sent data that does not verify; not asking it for this blob again");
-                        self.replicator
-                            .bad_sources
-                            .lock()
-                            .expect("bad sources lock")
-                            .insert((peer, hash));
+                        self.replicator.bad_sources.insert(peer, hash);
                         last = format!("{peer}: corrupt data");
                     }
                     Err(FetchError::NotFound) => last = format!("{peer}: does not have it"),
@@ -1097,7 +1138,7 @@ impl Transfer<'_> {
             if tried == 0 && round > 0 && self.all_bad(hash) {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(250 * (round as u64 + 1).min(8))).await;
+            tokio::time::sleep(crate::retry::delay(FETCH_RETRY, round as u32)).await;
         }
         Err(ReplicationError::NoSource {
             hash: entry.hash.clone(),
@@ -1108,18 +1149,8 @@ impl Transfer<'_> {
     }
 
     fn all_bad(&self, hash: blake3::Hash) -> bool {
-        let bad = self
-            .replicator
-            .bad_sources
-            .lock()
-            .expect("bad sources lock");
-        self.replicator
-            .peers
-            .network
-            .members()
-            .others()
-            .iter()
-            .all(|peer| bad.contains(&(*peer, hash)))
+        let members = self.replicator.peers.network.members().others();
+        self.replicator.bad_sources.all(&members, hash)
     }
 }
 

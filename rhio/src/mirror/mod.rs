@@ -53,7 +53,12 @@ pub enum PushError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("reading the file from S3: {0}")]
-    Source(String),
+    Storage(#[from] crate::s3::ObjectError),
+    /// The object in S3 is not (yet) what the signed manifest describes.
+    #[error("{key} in S3: {reason}")]
+    Source { key: String, reason: String },
+    #[error("reading the manifest: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// Retrying cannot help (the version is skipped until the node's config changes).
     #[error("{0}")]
     Invalid(String),
@@ -433,7 +438,7 @@ impl Mirror {
             .store
             .operation(&id.author, &LogId::Dataset(id.dataset.clone()), id.version)
             .await
-            .map_err(|err| PushError::Source(format!("store: {err}")))?
+            .map_err(PushError::Store)?
             .ok_or_else(|| {
                 PushError::Invalid(format!("the manifest of {id} is not in the store"))
             })?;
@@ -624,13 +629,19 @@ impl Mirror {
                 .s3
                 .object_size(key)
                 .await
-                .map_err(PushError::Source)?
-                .ok_or_else(|| PushError::Source(format!("{key} is not in S3")))?;
+                .map_err(PushError::Storage)?
+                .ok_or_else(|| PushError::Source {
+                    key: key.to_string(),
+                    reason: "not there".into(),
+                })?;
             if size != manifest.file_size {
-                return Err(PushError::Source(format!(
-                    "{key} has {size} bytes, the signed manifest says {}",
-                    manifest.file_size
-                )));
+                return Err(PushError::Source {
+                    key: key.to_string(),
+                    reason: format!(
+                        "{size} bytes, the signed manifest says {}",
+                        manifest.file_size
+                    ),
+                });
             }
             let mut reader = ChunkReader {
                 s3: &inner.s3,
@@ -678,10 +689,13 @@ impl Mirror {
             );
             let blake3 = reader.b3.finalize().to_hex().to_string();
             if blake3 != manifest.file_hash {
-                return Err(PushError::Source(format!(
-                    "{key} in S3 is not the file the manifest signs (BLAKE3 {blake3}, expected {})",
-                    manifest.file_hash
-                )));
+                return Err(PushError::Source {
+                    key: key.to_string(),
+                    reason: format!(
+                        "not the file the manifest signs (BLAKE3 {blake3}, expected {})",
+                        manifest.file_hash
+                    ),
+                });
             }
             Ok(format!("sha256:{:x}", reader.sha.finalize()))
         }
@@ -729,7 +743,7 @@ impl ChunkReader<'_> {
             .s3
             .get_range_pieces(self.key, self.offset, len, READ_PIECE)
             .await
-            .map_err(PushError::Source)?;
+            .map_err(PushError::Storage)?;
         let mut chunk = BytesMut::with_capacity(len as usize);
         for piece in pieces {
             self.sha.update(&piece);
@@ -737,12 +751,14 @@ impl ChunkReader<'_> {
             chunk.extend_from_slice(&piece);
         }
         if chunk.len() as u64 != len {
-            return Err(PushError::Source(format!(
-                "{}: S3 sent {} bytes for {len} at offset {}",
-                self.key,
-                chunk.len(),
-                self.offset
-            )));
+            return Err(PushError::Source {
+                key: self.key.to_string(),
+                reason: format!(
+                    "S3 sent {} bytes for {len} at offset {}",
+                    chunk.len(),
+                    self.offset
+                ),
+            });
         }
         self.offset += len;
         Ok(Some(chunk.freeze()))

@@ -23,7 +23,7 @@ pub struct NatsStatus {
 }
 
 /// Subject of the status request/reply service.
-pub const STATUS_SUBJECT: &str = "rhio.status";
+pub use rhio_core::api::STATUS_SUBJECT;
 
 /// Longest pause between two reconnect attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
@@ -163,16 +163,19 @@ pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, Str
         .collect()
 }
 
-/// Answers requests on `subject` one at a time with `answer(payload)` until `shutdown` fires
-/// (rhio's small request/reply services: `rhio.status`, `rhio.retry`).
+/// Answers requests on `subject` with `answer(payload)` until `shutdown` fires, at most
+/// `concurrency` at once (rhio's request/reply services: `rhio.status`, `rhio.retry`,
+/// `rhio.import`, `rhio.dead_letters.*`). Answers still running at shutdown are finished (and
+/// sent) before this returns.
 pub async fn serve_requests<F, Fut>(
     client: async_nats::Client,
     subject: &'static str,
+    concurrency: usize,
     shutdown: CancellationToken,
     mut answer: F,
 ) where
     F: FnMut(bytes::Bytes) -> Fut,
-    Fut: std::future::Future<Output = Vec<u8>>,
+    Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
 {
     let mut requests = match client.subscribe(subject).await {
         Ok(subscriber) => subscriber,
@@ -181,24 +184,50 @@ pub async fn serve_requests<F, Fut>(
             return;
         }
     };
+    let mut running = tokio::task::JoinSet::new();
     loop {
+        while running.try_join_next().is_some() {}
+        if running.len() >= concurrency.max(1) {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = running.join_next() => continue,
+            }
+        }
         let request = tokio::select! {
             _ = shutdown.cancelled() => break,
             request = requests.next() => request,
         };
         let Some(request) = request else { break };
         let Some(reply) = request.reply else { continue };
-        let body = answer(request.payload).await;
-        if let Err(err) = client.publish(reply, body.into()).await {
-            tracing::warn!(%err, subject, "cannot answer a request");
-        }
+        let body = answer(request.payload);
+        let client = client.clone();
+        running.spawn(async move {
+            let body = body.await;
+            if let Err(err) = client.publish(reply, body.into()).await {
+                tracing::warn!(%err, subject, "cannot answer a request");
+            }
+        });
     }
     let _ = requests.unsubscribe().await;
+    if !running.is_empty() {
+        tracing::info!(
+            subject,
+            requests = running.len(),
+            "finishing running requests before stopping"
+        );
+    }
+    while running.join_next().await.is_some() {}
 }
 
 /// Subjects of rhio's request/reply services; a JetStream stream capturing one of them answers
 /// requests with a PubAck before rhio can.
-pub const SERVICE_SUBJECTS: &[&str] = &[STATUS_SUBJECT, "rhio.import", "rhio.retry"];
+pub const SERVICE_SUBJECTS: &[&str] = &[
+    STATUS_SUBJECT,
+    rhio_core::api::IMPORT_SUBJECT,
+    rhio_core::api::RETRY_SUBJECT,
+    rhio_core::api::DEAD_LETTERS_LIST_SUBJECT,
+    rhio_core::api::DEAD_LETTERS_REPLAY_SUBJECT,
+];
 
 /// Once NATS is reachable, warns about streams that capture rhio's service subjects.
 pub async fn warn_about_captured_services(nats: NatsConnection, shutdown: CancellationToken) {

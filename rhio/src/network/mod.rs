@@ -65,9 +65,18 @@ const MIN_RETRY: Duration = Duration::from_millis(250);
 #[derive(Debug, Error)]
 pub enum NetworkError {
     #[error("address book: {0}")]
-    AddressBook(String),
-    #[error("QUIC endpoint: {0}")]
-    Endpoint(String),
+    AddressBook(#[source] BoxError),
+    /// p2panda-net's or iroh's error, kept whole as the source.
+    #[error("QUIC endpoint ({step}): {source}")]
+    Endpoint {
+        step: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("protocol {0} registered after sync started")]
+    LateProtocol(String),
+    #[error("sync started twice")]
+    SyncStartedTwice,
     #[error(
         "UDP port {port} on {ip} is not available ({reason}); is another rhio node running? Change network.bind_port"
     )]
@@ -78,16 +87,26 @@ pub enum NetworkError {
     },
 }
 
+/// An error of the p2p stack, kept with its type and sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Wraps an endpoint error of `step`.
+fn endpoint_error<E: std::error::Error + Send + Sync + 'static>(
+    step: &'static str,
+) -> impl FnOnce(E) -> NetworkError {
+    move |err| NetworkError::Endpoint {
+        step,
+        source: Box::new(err),
+    }
+}
+
 /// What the node knows about one peer: a known node, an overlay neighbour that is a member, or a
 /// sampled member.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub public_key: PublicKey,
     pub addresses: Vec<SocketAddr>,
-    /// `alive` (answered within `network.suspect_after_secs`), `suspect` (silent for longer, or
-    /// a probe or session just failed) or `failed` (silent for three times as long, or three
-    /// failures in a row).
-    pub state: String,
+    pub state: Liveness,
     /// Alive: a hello or sync frame was exchanged (in either direction) recently.
     pub connected: bool,
     /// Configured in `network.known_nodes`.
@@ -109,6 +128,18 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
 }
 
+/// What the failure detector thinks of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// Answered within `network.suspect_after_secs`.
+    Alive,
+    /// Silent for longer, or a probe or session just failed.
+    Suspect,
+    /// Silent for three times as long, or three failures in a row.
+    Failed,
+}
+
 #[derive(Debug, Default)]
 struct PeerState {
     addresses: Vec<SocketAddr>,
@@ -124,7 +155,7 @@ struct PeerState {
 }
 
 impl PeerState {
-    fn state(&self, suspect_after: Duration) -> &'static str {
+    fn state(&self, suspect_after: Duration) -> Liveness {
         let failed_since_seen = match (self.last_seen, self.last_failure) {
             (_, None) => false,
             (None, Some(_)) => true,
@@ -132,11 +163,11 @@ impl PeerState {
         };
         let silent = self.last_seen.map(|seen| seen.elapsed());
         if !failed_since_seen && silent.is_some_and(|silent| silent < suspect_after) {
-            "alive"
+            Liveness::Alive
         } else if self.failures >= 3 || silent.is_some_and(|silent| silent >= suspect_after * 3) {
-            "failed"
+            Liveness::Failed
         } else {
-            "suspect"
+            Liveness::Suspect
         }
     }
 }
@@ -199,7 +230,7 @@ impl PeerTable {
     }
 
     /// The peer's liveness, when it is in the table.
-    fn state_of(&self, peer: &PublicKey) -> Option<&'static str> {
+    fn state_of(&self, peer: &PublicKey) -> Option<Liveness> {
         let suspect_after = self.suspect_after;
         self.with(|peers| peers.get(peer).map(|state| state.state(suspect_after)))
     }
@@ -211,7 +242,7 @@ impl PeerTable {
             let Some(state) = peers.get_mut(peer) else {
                 return false;
             };
-            let was_alive = state.state(suspect_after) == "alive";
+            let was_alive = state.state(suspect_after) == Liveness::Alive;
             state.last_seen = Some(Instant::now());
             state.failures = 0;
             state.last_error = None;
@@ -229,7 +260,7 @@ impl PeerTable {
             let Some(state) = peers.get_mut(peer) else {
                 return false;
             };
-            let was_alive = state.state(suspect_after) == "alive";
+            let was_alive = state.state(suspect_after) == Liveness::Alive;
             state.last_failure = Some(Instant::now());
             state.failures += 1;
             state.last_error = Some(error);
@@ -248,8 +279,8 @@ impl PeerTable {
                     PeerStatus {
                         public_key: *key,
                         addresses: state.addresses.clone(),
-                        state: health.into(),
-                        connected: health == "alive",
+                        state: health,
+                        connected: health == Liveness::Alive,
                         known: state.known,
                         neighbour: state.neighbour,
                         sampled: state.sampled,
@@ -292,17 +323,17 @@ impl Network {
         let address_book = AddressBook::builder()
             .spawn()
             .await
-            .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
+            .map_err(|err| NetworkError::AddressBook(Box::new(err)))?;
         let topic = overlay::topic(&config.network_id);
         for node in &config.known_nodes {
             address_book
                 .insert_node_info(node_info(node))
                 .await
-                .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
+                .map_err(|err| NetworkError::AddressBook(Box::new(err)))?;
             address_book
                 .add_topic(node.public_key.verifying_key(), topic)
                 .await
-                .map_err(|err| NetworkError::AddressBook(err.to_string()))?;
+                .map_err(|err| NetworkError::AddressBook(Box::new(err)))?;
         }
 
         // p2panda-net binds in the background and only reports a closed channel when the port is
@@ -335,11 +366,11 @@ impl Network {
             .config(iroh_config)
             .spawn()
             .await
-            .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
+            .map_err(endpoint_error("start"))?;
         let bound = endpoint
             .endpoint()
             .await
-            .map_err(|err| NetworkError::Endpoint(err.to_string()))?
+            .map_err(endpoint_error("bind"))?
             .bound_sockets();
         // A node that other clusters cannot find at its configured port must not start quietly.
         if config.bind_port != 0 && !bound.iter().any(|addr| addr.port() == config.bind_port) {
@@ -358,7 +389,7 @@ impl Network {
                 hello::HelloProtocol::new(key.public_key(), peers.clone()),
             )
             .await
-            .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
+            .map_err(endpoint_error("register the hello protocol"))?;
         // Before sync starts: the overlay and discovery register protocols of their own.
         let overlay = overlay::Overlay::join(address_book, endpoint.clone(), topic).await?;
         for node in &config.known_nodes {
@@ -398,15 +429,14 @@ impl Network {
         handler: impl iroh::protocol::ProtocolHandler,
     ) -> Result<(), NetworkError> {
         if self.sync_started.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(NetworkError::Endpoint(format!(
-                "protocol {} registered after sync started",
-                String::from_utf8_lossy(alpn)
-            )));
+            return Err(NetworkError::LateProtocol(
+                String::from_utf8_lossy(alpn).to_string(),
+            ));
         }
         self.endpoint
             .accept(alpn, handler)
             .await
-            .map_err(|err| NetworkError::Endpoint(err.to_string()))
+            .map_err(endpoint_error("register a protocol"))
     }
 
     /// Serves sync sessions to members, and probes and holds a sync session with every known
@@ -426,11 +456,11 @@ impl Network {
                 sync::SyncServer::new(store.clone(), self.members.clone(), metrics.clone()),
             )
             .await
-            .map_err(|err| NetworkError::Endpoint(err.to_string()))?;
+            .map_err(endpoint_error("register the sync protocol"))?;
         let events = self
             .overlay
             .take_events()
-            .ok_or_else(|| NetworkError::Endpoint("sync started twice".into()))?;
+            .ok_or(NetworkError::SyncStartedTwice)?;
         let manager = PeerManager {
             network: self.clone(),
             acceptance: sync::Acceptance {
@@ -536,7 +566,7 @@ impl PeerManager {
             // The sample: drop what is in view anyway, no member, or failed; top it up.
             cooling.retain(|_, since| since.elapsed() < SAMPLE_COOLDOWN);
             sampled.retain(|peer| {
-                let failed = peers.state_of(peer) == Some("failed");
+                let failed = peers.state_of(peer) == Some(Liveness::Failed);
                 if failed {
                     cooling.insert(*peer, Instant::now());
                 }

@@ -41,29 +41,29 @@ impl Overlay {
         endpoint: Endpoint,
         topic: Topic,
     ) -> Result<Self, NetworkError> {
-        let error = |what: &str, err: &dyn std::fmt::Display| {
-            NetworkError::Endpoint(format!("{what}: {err}"))
-        };
         let discovery = p2panda_net::Discovery::builder(address_book.clone(), endpoint.clone())
             .spawn()
             .await
-            .map_err(|err| error("discovery", &err))?;
+            .map_err(super::endpoint_error("start discovery"))?;
         let gossip = p2panda_net::Gossip::builder(address_book, endpoint)
             .spawn()
             .await
-            .map_err(|err| error("gossip", &err))?;
+            .map_err(super::endpoint_error("start gossip"))?;
         // Both register their protocols from their actors' first message; a call answered by
         // each actor means the registration is done (protocols must precede sync, see
         // Network::accept).
         discovery
             .metrics()
             .await
-            .map_err(|err| error("discovery", &err))?;
-        let events = gossip.events().await.map_err(|err| error("gossip", &err))?;
+            .map_err(super::endpoint_error("discovery"))?;
+        let events = gossip
+            .events()
+            .await
+            .map_err(super::endpoint_error("gossip events"))?;
         let handle = gossip
             .stream(topic)
             .await
-            .map_err(|err| error("overlay", &err))?;
+            .map_err(super::endpoint_error("join the overlay"))?;
         Ok(Self {
             events: std::sync::Mutex::new(Some(Events {
                 events,

@@ -26,25 +26,21 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use rhio_core::api::{ErrorCode, ImportOutcome, Reply};
 use rhio_core::identity::PublicKey;
 use rhio_core::manifest::validate_dataset_name;
 use rhio_core::parquet::PartitionError;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DatasetsConfig, ImportConfig};
-use crate::s3::S3Store;
+use crate::s3::{ObjectError, S3ErrorKind, S3Store};
 use crate::store::Store;
 
 pub use crate::blobs::BAO_BLOCK_SIZE;
 pub use pipeline::sweep_abandoned_uploads;
-
-/// Subject of the import request/reply service.
-pub const IMPORT_SUBJECT: &str = "rhio.import";
-/// Prefix of progress events: `rhio.progress.<dataset>`.
-pub const PROGRESS_PREFIX: &str = "rhio.progress";
+pub use rhio_core::api::{IMPORT_SUBJECT, ImportReply, PROGRESS_PREFIX};
 
 /// Why an import failed, with the stable code of the reply.
 #[derive(Debug, Error)]
@@ -61,8 +57,8 @@ pub enum ImportError {
     Parquet(#[from] PartitionError),
     #[error("{path} has {bytes} bytes, more than import.max_file_bytes = {max}")]
     TooLarge { path: String, bytes: u64, max: u64 },
-    #[error("S3 is unavailable: {0}")]
-    StorageUnavailable(String),
+    #[error(transparent)]
+    Storage(#[from] ObjectError),
     #[error("{0} imports are running already; try again later")]
     Busy(usize),
     #[error("cannot read {path}: {reason}")]
@@ -72,34 +68,70 @@ pub enum ImportError {
 }
 
 impl ImportError {
-    pub fn code(&self) -> &'static str {
+    pub fn error_code(&self) -> ErrorCode {
         match self {
-            ImportError::BadRequest(_) => "bad_request",
-            ImportError::NotFound(_) => "not_found",
-            ImportError::NotAFile(_) => "not_a_file",
-            ImportError::ForbiddenPath(_) => "forbidden_path",
-            ImportError::Parquet(err) => err.code(),
-            ImportError::TooLarge { .. } => "too_large",
-            ImportError::StorageUnavailable(_) => "storage_unavailable",
-            ImportError::Busy(_) => "busy",
-            ImportError::Read { .. } => "read_failed",
-            ImportError::Internal(_) => "internal",
+            ImportError::BadRequest(_) => ErrorCode::BadRequest,
+            ImportError::NotFound(_) => ErrorCode::NotFound,
+            ImportError::NotAFile(_) => ErrorCode::NotAFile,
+            ImportError::ForbiddenPath(_) => ErrorCode::ForbiddenPath,
+            ImportError::Parquet(err) => ErrorCode::parse(err.code()),
+            ImportError::TooLarge { .. } => ErrorCode::TooLarge,
+            ImportError::Storage(err) => match err.kind {
+                S3ErrorKind::NotFound => ErrorCode::NotFound,
+                S3ErrorKind::Denied => ErrorCode::StorageDenied,
+                S3ErrorKind::InvalidRequest => ErrorCode::StorageRejected,
+                S3ErrorKind::Unavailable | S3ErrorKind::Timeout => ErrorCode::StorageUnavailable,
+            },
+            ImportError::Busy(_) => ErrorCode::Busy,
+            ImportError::Read { .. } => ErrorCode::ReadFailed,
+            ImportError::Internal(_) => ErrorCode::Internal,
         }
+    }
+
+    /// The stable code of the reply (`not_found`, `storage_denied`, ...).
+    pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
+
+    /// The reply refusing the request with this error.
+    pub fn reply<T>(&self) -> Reply<T> {
+        Reply::error(self.error_code(), self.to_string())
     }
 }
 
-/// A parsed `rhio.import` request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportRequest {
-    pub path: String,
-    pub dataset: Option<String>,
-    pub subject: Option<String>,
+/// Why the durable queue cannot be read (it is set up again after a backoff).
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("import queue stream {stream:?}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("import queue consumer: {0}")]
+    Consumer(String),
 }
 
-impl ImportRequest {
+/// Backoff between attempts of a queued request that failed transiently.
+const QUEUE_RETRY: crate::retry::Backoff = crate::retry::Backoff::new(
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(120),
+);
+/// Backoff between attempts to set up the queue's stream and consumer.
+const QUEUE_SETUP_RETRY: crate::retry::Backoff = crate::retry::Backoff::new(
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(30),
+);
+
+/// A parsed `rhio.import` request.
+pub type ImportRequest = rhio_core::api::ImportRequest;
+
+/// Parsing and naming of requests (the wire type lives in `rhio_core::api`).
+pub trait ParseRequest: Sized {
     /// A bare path, or `{"path": ..., "dataset": ..., "subject": ...}`.
-    pub fn parse(body: &[u8]) -> Result<Self, ImportError> {
+    fn parse(body: &[u8]) -> Result<Self, ImportError>;
+    /// The dataset name: given, or the file stem.
+    fn dataset_name(&self) -> Result<String, ImportError>;
+}
+
+impl ParseRequest for ImportRequest {
+    fn parse(body: &[u8]) -> Result<Self, ImportError> {
         let text = std::str::from_utf8(body)
             .map_err(|_| ImportError::BadRequest("the request is not UTF-8".into()))?
             .trim();
@@ -119,8 +151,7 @@ impl ImportRequest {
         })
     }
 
-    /// The dataset name: given, or the file stem.
-    pub fn dataset_name(&self) -> Result<String, ImportError> {
+    fn dataset_name(&self) -> Result<String, ImportError> {
         let name = match &self.dataset {
             Some(name) => name.clone(),
             None => Path::new(self.path.rsplit('/').next().unwrap_or(&self.path))
@@ -131,24 +162,6 @@ impl ImportRequest {
         validate_dataset_name(&name).map_err(|err| ImportError::BadRequest(err.to_string()))?;
         Ok(name)
     }
-}
-
-/// The successful reply.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImportReply {
-    pub ok: bool,
-    pub dataset: String,
-    pub version: u64,
-    pub subject: String,
-    pub author: PublicKey,
-    pub file_hash: String,
-    pub operation: String,
-    pub row_groups: usize,
-    pub rows: u64,
-    pub bytes: u64,
-    pub location: String,
-    /// True when these bytes were imported before and the existing version is returned.
-    pub existing: bool,
 }
 
 /// Runs imports; one per dataset at a time, at most `max_concurrent` overall.
@@ -193,74 +206,53 @@ impl Importer {
         }
     }
 
-    /// Answers `rhio.import` requests until shutdown; each import runs in its own task, and
-    /// running imports are finished before this returns.
+    /// Answers `rhio.import` requests until shutdown; each import runs in its own task (more
+    /// than `import.max_concurrent` are answered `busy` at once), and running imports are
+    /// finished before this returns.
     pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut running = tokio::task::JoinSet::new();
-        let mut requests = match self.nats.subscribe(IMPORT_SUBJECT).await {
-            Ok(subscriber) => subscriber,
-            Err(err) => {
-                tracing::error!(%err, "cannot subscribe to rhio.import; imports are off");
-                return;
-            }
-        };
-        loop {
-            let request = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                request = requests.next() => request,
-            };
-            let Some(request) = request else { break };
-            let Some(reply) = request.reply.clone() else {
-                continue;
-            };
+        // Requests beyond the running imports only wait to be answered `busy`.
+        let concurrency = self.import.max_concurrent + 64;
+        let nats = self.nats.clone();
+        crate::nats::serve_requests(nats, IMPORT_SUBJECT, concurrency, shutdown, |payload| {
             let importer = self.clone();
-            // Reap finished imports as we go.
-            while running.try_join_next().is_some() {}
-            running.spawn(async move {
-                let answer = match importer.import_request(&request.payload).await {
-                    Ok(reply) => serde_json::to_vec(&reply).expect("reply serializes"),
+            async move {
+                let answer = match importer.import_request(&payload).await {
+                    Ok(reply) => Reply::Ok(reply),
                     Err(err) => {
                         tracing::warn!(code = err.code(), %err, "import failed");
-                        serde_json::to_vec(&serde_json::json!({
-                            "ok": false,
-                            "error": {"code": err.code(), "message": err.to_string()},
-                        }))
-                        .expect("error serializes")
+                        err.reply()
                     }
                 };
-                if let Err(err) = importer.nats.publish(reply, answer.into()).await {
-                    tracing::warn!(%err, "cannot answer an import request");
-                }
-            });
-        }
-        let _ = requests.unsubscribe().await;
-        if !running.is_empty() {
-            tracing::info!(
-                imports = running.len(),
-                "finishing running imports before stopping"
-            );
-        }
-        while running.join_next().await.is_some() {}
+                serde_json::to_vec(&answer).expect("reply serializes")
+            }
+        })
+        .await
     }
 
-    /// The durable variant: works off the JetStream work queue until shutdown. A message is
-    /// acked when its import finished (successfully or with a permanent error), and asked to be
-    /// redelivered later when S3 was unavailable or too many imports ran.
+    /// The durable variant: works off the JetStream work queue until shutdown. A request ends
+    /// (acked, removed from the queue) when its import finished or failed permanently (a missing
+    /// file, S3 refusing access, ...); one that failed transiently (S3 unavailable, `busy`) is
+    /// redelivered after a jittered backoff, up to `import.max_attempts` times. Every attempt's
+    /// outcome is published on `import.results_subject`; the last one of a request that used up
+    /// its attempts says `"dead_letter": true`.
     pub async fn serve_queue(self: Arc<Self>, create_stream: bool, shutdown: CancellationToken) {
         if self.import.queue_subject.is_empty() {
             return;
         }
+        let mut attempts = QUEUE_SETUP_RETRY.attempts();
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = self.clone().work_queue(create_stream, &shutdown) => result,
             };
-            if let Err(err) = result {
-                tracing::warn!(%err, stream = %self.import.queue_stream, "durable import queue paused; retrying");
+            match result {
+                Ok(()) => attempts.reset(),
+                Err(err) => {
+                    tracing::warn!(%err, stream = %self.import.queue_stream, "durable import queue paused; retrying")
+                }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            if !crate::retry::after_failure(&mut attempts, &shutdown).await {
+                return;
             }
         }
     }
@@ -269,8 +261,8 @@ impl Importer {
         self: Arc<Self>,
         create_stream: bool,
         shutdown: &CancellationToken,
-    ) -> Result<(), String> {
-        use async_nats::jetstream::{self, AckKind, consumer::pull};
+    ) -> Result<(), QueueError> {
+        use async_nats::jetstream::{self, consumer::pull};
         let stream = match self.js.get_stream(&self.import.queue_stream).await {
             Ok(stream) => stream,
             Err(_) if create_stream => self
@@ -283,12 +275,18 @@ impl Importer {
                     ..Default::default()
                 })
                 .await
-                .map_err(|err| format!("cannot create the import queue stream: {err}"))?,
+                .map_err(|err| QueueError::Stream {
+                    stream: self.import.queue_stream.clone(),
+                    reason: format!("cannot create it: {err}"),
+                })?,
             Err(err) => {
-                return Err(format!(
-                    "import queue stream {:?} is not available ({err}); create it (work-queue retention, subject {:?}) or set nats.create_streams = true",
-                    self.import.queue_stream, self.import.queue_subject
-                ));
+                return Err(QueueError::Stream {
+                    stream: self.import.queue_stream.clone(),
+                    reason: format!(
+                        "not available ({err}); create it (work-queue retention, subject {:?}) or set nats.create_streams = true",
+                        self.import.queue_subject
+                    ),
+                });
             }
         };
         let consumer: jetstream::consumer::PullConsumer = stream
@@ -299,15 +297,18 @@ impl Importer {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: std::time::Duration::from_secs(60),
                     max_ack_pending: self.import.max_concurrent as i64,
+                    // A backstop: the node ends a request itself after max_attempts; should an
+                    // ack get lost, JetStream stops redelivering a little later.
+                    max_deliver: self.import.max_attempts as i64 + 2,
                     ..Default::default()
                 },
             )
             .await
-            .map_err(|err| format!("cannot open the import queue consumer: {err}"))?;
+            .map_err(|err| QueueError::Consumer(err.to_string()))?;
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|err| format!("cannot read the import queue: {err}"))?;
+            .map_err(|err| QueueError::Consumer(err.to_string()))?;
         tracing::info!(subject = %self.import.queue_subject, "durable import queue ready");
         let mut running = tokio::task::JoinSet::new();
         loop {
@@ -316,58 +317,82 @@ impl Importer {
                 message = messages.next() => message,
             };
             let Some(message) = message else { break };
-            let message = message.map_err(|err| format!("reading the import queue: {err}"))?;
+            let message = message.map_err(|err| QueueError::Consumer(err.to_string()))?;
             while running.try_join_next().is_some() {}
-            let importer = self.clone();
-            running.spawn(async move {
-                // Keep the message ours while the import runs.
-                let progress = {
-                    let message = message.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
-                            if message.ack_with(AckKind::Progress).await.is_err() {
-                                return;
-                            }
-                        }
-                    })
-                };
-                let result = importer.import_request(&message.payload).await;
-                progress.abort();
-                let retry = matches!(
-                    result,
-                    Err(ImportError::StorageUnavailable(_) | ImportError::Busy(_))
-                );
-                let mut outcome = match &result {
-                    Ok(reply) => serde_json::to_value(reply).expect("reply serializes"),
-                    Err(err) => serde_json::json!({
-                        "ok": false,
-                        "error": {"code": err.code(), "message": err.to_string()},
-                    }),
-                };
-                outcome["request"] = serde_json::Value::String(
-                    String::from_utf8_lossy(&message.payload).to_string(),
-                );
-                outcome["will_retry"] = serde_json::Value::Bool(retry);
-                let _ = importer
-                    .nats
-                    .publish(
-                        importer.import.results_subject.clone(),
-                        outcome.to_string().into(),
-                    )
-                    .await;
-                let ack = if retry {
-                    AckKind::Nak(Some(std::time::Duration::from_secs(5)))
-                } else {
-                    AckKind::Ack
-                };
-                if let Err(err) = message.ack_with(ack).await {
-                    tracing::warn!(%err, "cannot acknowledge a queued import");
-                }
-            });
+            running.spawn(self.clone().queued_import(message));
         }
         while running.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// One delivery of a queued request: import, publish the outcome, then end the request or
+    /// have it redelivered.
+    async fn queued_import(self: Arc<Self>, message: async_nats::jetstream::Message) {
+        use async_nats::jetstream::AckKind;
+        let attempt = message
+            .info()
+            .map(|info| info.delivered)
+            .unwrap_or(1)
+            .max(1) as u64;
+        // Keep the message ours while the import runs.
+        let progress = {
+            let message = message.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+                    if message.ack_with(AckKind::Progress).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let result = self.import_request(&message.payload).await;
+        progress.abort();
+        let transient = result
+            .as_ref()
+            .err()
+            .is_some_and(|err| err.error_code().is_transient());
+        let used_up = attempt >= self.import.max_attempts as u64;
+        let will_retry = transient && !used_up;
+        if let Err(err) = &result {
+            tracing::warn!(code = err.code(), %err, attempt, will_retry, "queued import failed");
+        }
+        let outcome = ImportOutcome {
+            reply: match result {
+                Ok(reply) => Reply::Ok(reply),
+                Err(err) => err.reply(),
+            },
+            request: String::from_utf8_lossy(&message.payload).to_string(),
+            attempt,
+            will_retry,
+            dead_letter: transient && used_up,
+        };
+        if outcome.dead_letter {
+            tracing::error!(
+                attempt,
+                request = %outcome.request,
+                "a queued import failed transiently on every attempt; it leaves the queue (dead letter on the results subject)"
+            );
+        }
+        let body = serde_json::to_vec(&outcome).expect("outcome serializes");
+        if let Err(err) = self
+            .nats
+            .publish(self.import.results_subject.clone(), body.into())
+            .await
+        {
+            tracing::warn!(%err, "cannot publish the outcome of a queued import");
+        }
+        let ack = if will_retry {
+            let delay = crate::retry::delay(QUEUE_RETRY, attempt.saturating_sub(1) as u32);
+            AckKind::Nak(Some(delay))
+        } else {
+            // Ended: done, permanently refused, or out of attempts. An ack removes it from the
+            // work queue (a term would leave it stored in the stream for good).
+            AckKind::Ack
+        };
+        if let Err(err) = message.ack_with(ack).await {
+            tracing::warn!(%err, "cannot acknowledge a queued import");
+        }
     }
 
     pub async fn import_request(&self, body: &[u8]) -> Result<ImportReply, ImportError> {
@@ -387,6 +412,8 @@ impl Importer {
             .map_err(|_| ImportError::Busy(self.import.max_concurrent))?;
         let lock = {
             let mut locks = self.per_dataset.lock().await;
+            // Locks no import holds are dropped, so the map holds only running datasets.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
             locks.entry(dataset.clone()).or_default().clone()
         };
         let _dataset_guard = lock.lock().await;

@@ -108,7 +108,7 @@ impl Importer {
                 manifest.encode(),
             )
             .await
-            .map_err(ImportError::StorageUnavailable)
+            .map_err(ImportError::Storage)
     }
 
     /// The steps after signing a version: its manifest sidecar, its blobs in the index, its
@@ -125,7 +125,7 @@ impl Importer {
             .s3
             .exists(&sidecar)
             .await
-            .map_err(ImportError::StorageUnavailable)?;
+            .map_err(ImportError::Storage)?;
         if !present {
             self.put_manifest_sidecar(manifest).await?;
         }
@@ -177,14 +177,13 @@ impl Importer {
         existing: bool,
     ) -> ImportReply {
         ImportReply {
-            ok: true,
             dataset: manifest.dataset.clone(),
             version,
             subject: subject.to_string(),
-            author: self.author,
+            author: self.author.to_hex(),
             file_hash: manifest.file_hash.clone(),
             operation: operation.to_string(),
-            row_groups: manifest.blobs.len() - 1,
+            row_groups: manifest.blobs.len() as u64 - 1,
             rows: manifest.rows,
             bytes: manifest.file_size,
             location: format!(
@@ -296,7 +295,7 @@ impl Importer {
         self.s3
             .put(&keys::outboard(hash), outboard)
             .await
-            .map_err(ImportError::StorageUnavailable)
+            .map_err(ImportError::Storage)
     }
 }
 
@@ -337,10 +336,7 @@ impl<'a> MultipartUpload<'a> {
         key: &str,
         concurrency: usize,
     ) -> Result<Self, ImportError> {
-        let upload_id = s3
-            .create_upload(key)
-            .await
-            .map_err(ImportError::StorageUnavailable)?;
+        let upload_id = s3.create_upload(key).await.map_err(ImportError::Storage)?;
         if let Err(err) = state.start_import_upload(key, &upload_id).await {
             tracing::warn!(%err, key, "cannot record an import upload; a crash would leave it behind");
         }
@@ -373,7 +369,7 @@ impl<'a> MultipartUpload<'a> {
             let etag = s3
                 .upload_part(&key, &upload_id, number, data)
                 .await
-                .map_err(ImportError::StorageUnavailable)?;
+                .map_err(ImportError::Storage)?;
             Ok((number, etag))
         }));
         Ok(())
@@ -397,7 +393,7 @@ impl<'a> MultipartUpload<'a> {
         self.s3
             .complete_upload(&self.key, &self.upload_id, &self.done)
             .await
-            .map_err(ImportError::StorageUnavailable)?;
+            .map_err(ImportError::Storage)?;
         self.forget().await;
         Ok(())
     }

@@ -65,7 +65,7 @@ impl Source {
                 .get_range(key, Some((offset, len)))
                 .await
                 .map(|bytes| bytes.to_vec())
-                .map_err(ImportError::StorageUnavailable),
+                .map_err(ImportError::Storage),
         }
     }
 }
@@ -95,7 +95,7 @@ impl Importer {
                 .s3
                 .object_size(key)
                 .await
-                .map_err(ImportError::StorageUnavailable)?
+                .map_err(ImportError::Storage)?
                 .ok_or_else(|| ImportError::NotFound(path.to_string()))?;
             return Ok(Source::S3 {
                 key: key.to_string(),
