@@ -1,20 +1,33 @@
 //! The HTTP server: `GET /health` (JSON status; 200 when NATS and S3 are up, 503 otherwise),
 //! `GET /health/live` (200 while the process runs) and `GET /metrics` (Prometheus text).
+//!
+//! Probes must be answered even when something misbehaves on the port: at most
+//! [`MAX_CONNECTIONS`] connections are served at once, a client gets [`HEADER_READ_TIMEOUT`] to
+//! send a request's headers and a connection lives at most [`CONNECTION_LIFETIME`], so clients
+//! that connect and stall are dropped and cannot keep the kubelet's probe out.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::status::StatusSource;
+
+/// Connections served at once; further ones wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest a client may take to send the headers of a request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection (kept alive or not) is closed gracefully after this long.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 struct Routes {
@@ -36,7 +49,12 @@ pub async fn bind(
 }
 
 async fn serve(listener: TcpListener, routes: Routes, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -51,17 +69,24 @@ async fn serve(listener: TcpListener, routes: Routes, shutdown: CancellationToke
         let routes = routes.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let routes = routes.clone();
                 async move { Ok::<_, Infallible>(routes.handle(request)) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+                _ = connection.as_mut() => return,
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
             }
+            connection.as_mut().graceful_shutdown();
+            // A client that never reads its answer is not waited for forever either.
+            let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connection).await;
         });
     }
 }

@@ -61,6 +61,50 @@ fn serves_health_metrics_and_status_then_stops_on_sigint() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Clients that connect to the HTTP port and stall (more of them than the node serves at once)
+/// are dropped after the header-read timeout, and `/health` is answered meanwhile.
+#[test]
+fn stalled_http_clients_do_not_starve_health() {
+    use std::io::{Read, Write};
+    let env = LocalEnv::up(1);
+    let dir = tempfile::tempdir().unwrap();
+    let node = RhioNode::start(NodeSpec::for_cluster(&env.clusters[0], dir.path()));
+    node.wait_healthy();
+    let addr = node.spec.http_addr();
+    // Twice the connection limit (64), each with half a request line and no end of headers.
+    let mut stalled: Vec<std::net::TcpStream> = (0..128)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x")
+                .unwrap();
+            stream
+        })
+        .collect();
+    // Answered although every slot was taken by a stalled client when it was sent.
+    let (code, _) = wait_for(
+        "GET /health beside stalled clients",
+        Duration::from_secs(30),
+        || http_get(addr, "/health"),
+    );
+    assert_eq!(code, 200);
+    // The stalled clients were dropped by the server (end of stream, or reset), not kept.
+    for stream in &mut stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = Vec::new();
+        match stream.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(err) => assert_ne!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "a stalled client is still connected after 30 s"
+            ),
+        }
+    }
+}
+
 #[test]
 fn warns_when_a_stream_captures_a_service_subject() {
     let env = LocalEnv::up(1);
