@@ -193,11 +193,32 @@ enum Command {
     },
     /// Check a file against a signed manifest file (the `.rhio-manifest` an OCI pull gives).
     Verify { file: PathBuf, manifest: PathBuf },
+    /// Routed messages the local JetStream could not take: list them, or deliver them again
+    /// once the cause is fixed (a stream capturing the subject, a larger max_msg_size).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
     /// Make a new node key; prints the public key.
     Keygen {
         /// Write the private key to this file (mode 0600; never overwrites).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DeadLettersCommand {
+    /// List the dead letters in log order.
+    List,
+    /// Deliver dead letters again: --all, or one by --author, --subject and --seq.
+    Replay {
+        #[arg(long, conflicts_with_all = ["author", "subject", "seq"])]
+        all: bool,
+        #[arg(long, requires_all = ["subject", "seq"])]
+        author: Option<String>,
+        #[arg(long, requires_all = ["author", "seq"])]
+        subject: Option<String>,
+        #[arg(long, requires_all = ["author", "subject"])]
+        seq: Option<u64>,
     },
 }
 
@@ -635,6 +656,63 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("{}", String::from_utf8_lossy(&answer));
+        }
+        Command::DeadLetters(command) => {
+            let client = rhio_client::Client::connect(&node.nats).await?;
+            match command {
+                DeadLettersCommand::List => {
+                    let dead = client.dead_letters().await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&dead)?);
+                    } else if dead.is_empty() {
+                        println!("no dead letters");
+                    } else {
+                        for d in &dead {
+                            println!(
+                                "{} #{} from {}: {} ({})",
+                                d.subject,
+                                d.seq,
+                                &d.author[..d.author.len().min(16)],
+                                d.reason,
+                                d.detail
+                            );
+                        }
+                    }
+                }
+                DeadLettersCommand::Replay {
+                    all,
+                    author,
+                    subject,
+                    seq,
+                } => {
+                    let request = match (all, author, subject, seq) {
+                        (true, ..) => rhio_client::ReplayRequest::All { all: true },
+                        (false, Some(author), Some(subject), Some(seq)) => {
+                            rhio_client::ReplayRequest::One {
+                                author,
+                                subject,
+                                seq,
+                            }
+                        }
+                        _ => {
+                            return Err(rhio_client::ClientError::Usage(
+                                "replay --all, or --author, --subject and --seq".into(),
+                            )
+                            .into());
+                        }
+                    };
+                    let reply = client.replay_dead_letters(&request).await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&reply)?);
+                    } else {
+                        println!(
+                            "{} delivered, {} dead letters left",
+                            reply.replayed.len(),
+                            reply.remaining
+                        );
+                    }
+                }
+            }
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -300,6 +300,10 @@ impl Node {
             };
             tasks.spawn(delivery.run());
         }
+        tasks.spawn(
+            crate::routing::dead_letters::DeadLetterService::new(store.clone(), js.clone())
+                .serve(nats.client().clone(), shutdown.clone()),
+        );
 
         tasks.spawn(
             replicator

@@ -82,6 +82,9 @@ struct Head {
     last_hash: Option<Hash>,
 }
 
+/// Headers read at once by [`Store::prune`]'s age check.
+const PRUNE_PAGE: i64 = 256;
+
 enum WriteRequest {
     AppendLocal {
         entries: Vec<LocalEntry>,
@@ -109,6 +112,18 @@ enum WriteRequest {
     /// Commits whatever is pending (delivered positions) now.
     Flush {
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Forgets dead letters that were delivered after all (replayed).
+    RemoveDeadLetters {
+        keys: Vec<(PublicKey, LogId, u64)>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Deletes the operations of a log before sequence number `before` (relay retention).
+    Prune {
+        author: PublicKey,
+        log: LogId,
+        before: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
 }
 
@@ -463,6 +478,18 @@ impl Store {
         .collect()
     }
 
+    /// Forgets the dead letters `keys` (author, log, seq) once they were delivered after all;
+    /// returns how many there were.
+    pub async fn remove_dead_letters(
+        &self,
+        keys: Vec<(PublicKey, LogId, u64)>,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::RemoveDeadLetters { keys, reply })
+            .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Writes pending delivered positions now (used at shutdown and by tests).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -518,6 +545,11 @@ impl Store {
     /// than `max_age_micros` by their authors' timestamps; the newest operation always stays, and
     /// the log's head (next sequence number, last hash) is kept whatever is deleted, so the log
     /// goes on. Returns how many were deleted.
+    ///
+    /// Reads stay small whatever the log's length: the byte bound is one aggregate query in
+    /// SQLite, and the age bound reads headers from the oldest on, a page at a time, until the
+    /// first one young enough (authors' timestamps rise along a log). The delete goes through
+    /// the writer, like every write.
     pub async fn prune(
         &self,
         author: &PublicKey,
@@ -526,43 +558,79 @@ impl Store {
         max_age_micros: Option<u64>,
         now_micros: u64,
     ) -> Result<u64, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, length(header) + length(body), header FROM operations WHERE author = ? AND log = ? ORDER BY seq DESC",
-        )
-        .bind(author.as_bytes().as_slice())
-        .bind(log.to_key())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut total = 0u64;
-        let mut keep_from = None;
-        for (i, row) in rows.iter().enumerate() {
-            let seq = row.get::<i64, _>(0) as u64;
-            total += row.get::<i64, _>(1) as u64;
-            if i == 0 {
-                continue;
-            }
-            let too_big = max_bytes.is_some_and(|max| total > max);
-            let too_old = max_age_micros.is_some_and(|age| {
-                SignedOperation::decode_trusted(row.get::<Vec<u8>, _>(2), Vec::new())
-                    .is_ok_and(|op| op.timestamp_micros().saturating_add(age) < now_micros)
-            });
-            if too_big || too_old {
-                keep_from = Some(seq + 1);
-                break;
-            }
-        }
-        let Some(keep_from) = keep_from else {
+        let author_key = author.as_bytes().as_slice();
+        let Some(newest) =
+            sqlx::query("SELECT MAX(seq) FROM operations WHERE author = ? AND log = ?")
+                .bind(author_key)
+                .bind(log.to_key())
+                .fetch_one(&self.pool)
+                .await?
+                .get::<Option<i64>, _>(0)
+        else {
             return Ok(0);
         };
-        let deleted =
-            sqlx::query("DELETE FROM operations WHERE author = ? AND log = ? AND seq < ?")
-                .bind(author.as_bytes().as_slice())
+        let mut keep_from = 0i64;
+        if let Some(max) = max_bytes {
+            // The newest operation below which the operations from the newest down exceed max.
+            let over: Option<i64> = sqlx::query(
+                "SELECT MAX(seq) FROM (
+                   SELECT seq, SUM(length(header) + length(body)) OVER (ORDER BY seq DESC) AS total
+                   FROM operations WHERE author = ? AND log = ?
+                 ) WHERE total > ? AND seq < ?",
+            )
+            .bind(author_key)
+            .bind(log.to_key())
+            .bind(max.min(i64::MAX as u64) as i64)
+            .bind(newest)
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+            if let Some(seq) = over {
+                keep_from = keep_from.max(seq + 1);
+            }
+        }
+        if let Some(age) = max_age_micros {
+            let mut from = 0i64;
+            'pages: loop {
+                let rows = sqlx::query(
+                    "SELECT seq, header FROM operations WHERE author = ? AND log = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
+                )
+                .bind(author_key)
                 .bind(log.to_key())
-                .bind(keep_from as i64)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        Ok(deleted)
+                .bind(from)
+                .bind(newest)
+                .bind(PRUNE_PAGE)
+                .fetch_all(&self.pool)
+                .await?;
+                for row in &rows {
+                    let seq = row.get::<i64, _>(0);
+                    let old = SignedOperation::decode_trusted(row.get::<Vec<u8>, _>(1), Vec::new())
+                        .is_ok_and(|op| op.timestamp_micros().saturating_add(age) < now_micros);
+                    if !old {
+                        break 'pages;
+                    }
+                    keep_from = keep_from.max(seq + 1);
+                }
+                match rows.last() {
+                    Some(last) if rows.len() as i64 == PRUNE_PAGE => {
+                        from = last.get::<i64, _>(0) + 1
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if keep_from == 0 {
+            return Ok(0);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::Prune {
+            author: *author,
+            log: log.clone(),
+            before: keep_from as u64,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Up to `limit` operations of a log, from sequence number `from` on (the first may be later
@@ -628,6 +696,7 @@ enum Reply {
         Vec<InsertOutcome>,
     ),
     Flushed(oneshot::Sender<Result<(), StoreError>>),
+    Pruned(oneshot::Sender<Result<u64, StoreError>>, u64),
     /// Answered only once the commits are durable.
     Synced(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -639,6 +708,7 @@ impl Reply {
             Reply::Local(reply, _) => drop(reply.send(Err(error()))),
             Reply::Remote(reply, _) => drop(reply.send(Err(error()))),
             Reply::Flushed(reply) | Reply::Synced(reply) => drop(reply.send(Err(error()))),
+            Reply::Pruned(reply, _) => drop(reply.send(Err(error()))),
         }
     }
 }
@@ -694,6 +764,7 @@ impl Writer {
                             Reply::Local(reply, ops) => drop(reply.send(Ok(ops))),
                             Reply::Remote(reply, outcomes) => drop(reply.send(Ok(outcomes))),
                             Reply::Flushed(reply) => drop(reply.send(Ok(()))),
+                            Reply::Pruned(reply, deleted) => drop(reply.send(Ok(deleted))),
                             Reply::Synced(reply) => synced.push(reply),
                         }
                     }
@@ -833,6 +904,44 @@ impl Writer {
                 }
                 WriteRequest::Flush { reply } => replies.push(Reply::Flushed(reply)),
                 WriteRequest::Sync { reply } => replies.push(Reply::Synced(reply)),
+                WriteRequest::RemoveDeadLetters { keys, reply } => {
+                    let mut removed = 0;
+                    let mut delete = tx.prepare_cached(
+                        "DELETE FROM dead_letters WHERE author = ? AND log = ? AND seq = ?",
+                    )?;
+                    for (author, log, seq) in &keys {
+                        removed += delete.execute(rusqlite::params![
+                            author.as_bytes().as_slice(),
+                            log.to_key(),
+                            *seq as i64
+                        ])? as u64;
+                    }
+                    // Not yet written ones are dropped too, or the end of this commit would
+                    // write them back.
+                    self.dead_letters.retain(|dead| {
+                        !keys.iter().any(|(author, log, seq)| {
+                            dead.author == *author && dead.log == *log && dead.seq == *seq
+                        })
+                    });
+                    replies.push(Reply::Pruned(reply, removed));
+                }
+                WriteRequest::Prune {
+                    author,
+                    log,
+                    before,
+                    reply,
+                } => {
+                    let deleted = tx
+                        .prepare_cached(
+                            "DELETE FROM operations WHERE author = ? AND log = ? AND seq < ?",
+                        )?
+                        .execute(rusqlite::params![
+                            author.as_bytes().as_slice(),
+                            log.to_key(),
+                            before as i64
+                        ])?;
+                    replies.push(Reply::Pruned(reply, deleted as u64));
+                }
                 WriteRequest::MarkDelivered {
                     updates,
                     dead_letters,

@@ -152,6 +152,84 @@ fn a_message_jetstream_refuses_is_dead_lettered_and_1000_behind_it_arrive_in_ord
         "the warning names author and subject"
     );
     assert!(node_a.log().contains("message not signed"));
+
+    // Listed with their reasons, in log order.
+    let nats_b = env.clusters[1].nats_url.clone();
+    let client = rt.block_on(rhio_client::Client::connect(&nats_b)).unwrap();
+    let dead = rt.block_on(client.dead_letters()).unwrap();
+    let listed: Vec<(&str, u64, &str, &str)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.subject.as_str(),
+                d.seq,
+                d.reason.as_str(),
+                d.author.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("poison.x", 0, "max_msg_size", key_a.as_str()),
+            ("stray.one", 0, "no_stream", key_a.as_str())
+        ]
+    );
+    // Replayed before the cause is fixed: refused, nothing published, nothing forgotten.
+    let refused = rt
+        .block_on(client.replay_dead_letters(&rhio_client::ReplayRequest::All { all: true }))
+        .unwrap_err();
+    assert_eq!(refused.code(), "delivery_failed", "{refused}");
+    assert_eq!(rt.block_on(common::stream_count(&nats_b, "IN")), 1000);
+    assert_eq!(rt.block_on(client.dead_letters()).unwrap().len(), 2);
+    // The operator fixes both causes; a replay delivers both, in log order, with provenance.
+    rt.block_on(async {
+        let js = jetstream_of(&nats_b).await;
+        let mut config = js
+            .get_stream("IN")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        config.subjects = vec!["poison.>".into(), "stray.>".into()];
+        config.max_message_size = 1024 * 1024;
+        js.update_stream(config).await.expect("widen IN");
+    });
+    let (code, stdout, stderr) =
+        common::cli(&["--nats", &nats_b, "dead-letters", "replay", "--all"], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("2 delivered, 0 dead letters left"),
+        "{stdout}"
+    );
+    let messages = rt.block_on(stream_messages(
+        &nats_b,
+        "IN",
+        1002,
+        Duration::from_secs(30),
+    ));
+    assert_eq!(messages.len(), 1002);
+    let mut expected: Vec<usize> = (0..1000).collect();
+    expected.push(9001);
+    assert_eq!(seqs_on(&messages, "poison.x"), expected);
+    assert_eq!(seqs_on(&messages, "stray.one"), [9002]);
+    // Exactly once: nothing is left to replay, and a second replay publishes nothing.
+    let (code, stdout, _) = common::cli(&["--nats", &nats_b, "dead-letters", "list"], &[]);
+    assert_eq!((code, stdout.trim()), (0, "no dead letters"));
+    let again = rt
+        .block_on(client.replay_dead_letters(&rhio_client::ReplayRequest::All { all: true }))
+        .unwrap();
+    assert!(
+        again.replayed.is_empty() && again.remaining == 0,
+        "{again:?}"
+    );
+    assert_eq!(rt.block_on(common::stream_count(&nats_b, "IN")), 1002);
+    assert_eq!(
+        node_b.health().unwrap().1["routing"]["dead_lettered"],
+        2,
+        "the counter counts what happened, not what is left"
+    );
 }
 
 /// Defect: two [[publish]] entries on one stream shared the consumer name and the cursor and
@@ -445,14 +523,24 @@ fn an_import_retried_after_the_sidecar_failed_finishes_and_announces_once() {
     // A repeat of a finished version announces nothing new.
     let repeat = rt.block_on(common::rhio_import(&nats, file.to_str().unwrap(), None));
     assert_eq!(repeat["existing"], true, "{repeat}");
-    std::thread::sleep(Duration::from_secs(1));
+    // A barrier: the outbox announces in the order versions became available, so a second
+    // announcement of "retry" would be in the stream before the next dataset's.
+    let barrier = data.path().join("barrier.parquet");
+    common::make_parquet(&["sized", barrier.to_str().unwrap(), "1", "512"]);
+    let next = rt.block_on(common::rhio_import(&nats, barrier.to_str().unwrap(), None));
+    assert_eq!(next["ok"], true, "{next}");
     let again = rt.block_on(stream_messages(
         &nats,
         "DATASETS",
-        1,
-        Duration::from_secs(5),
+        2,
+        Duration::from_secs(30),
     ));
-    assert_eq!(again.len(), 1, "announced twice");
+    let subjects: Vec<&str> = again.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        ["datasets.retry", "datasets.barrier"],
+        "announced twice"
+    );
 }
 
 /// Fault: 20 imports at once with `import.max_concurrent = 2`: each gets an answer (a result or

@@ -82,6 +82,23 @@ impl DeadLetterReason {
     }
 }
 
+/// The JetStream message of a routed operation: its original subject, the author's headers
+/// plus the provenance headers (`Nats-Msg-Id` = operation hash), its payload. Delivery and the
+/// replay of dead letters publish exactly this.
+pub(crate) fn jetstream_message(
+    op: &SignedOperation,
+) -> Result<(String, HeaderMap, Vec<u8>), rhio_core::message::MessageError> {
+    let message = RoutedMessage::decode(&op.body)?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in &message.headers {
+        headers.append(name.as_str(), value.as_str());
+    }
+    for (name, value) in provenance_headers(op) {
+        headers.insert(name, value.as_str());
+    }
+    Ok((message.subject, headers, message.payload))
+}
+
 /// What became of one operation of a batch.
 enum Outcome {
     Delivered,
@@ -278,7 +295,7 @@ impl Delivery {
         let mut pending = Vec::with_capacity(ops.len());
         let mut stop = None;
         for op in &ops {
-            let message = match RoutedMessage::decode(&op.body) {
+            let (subject, headers, payload) = match jetstream_message(op) {
                 Ok(message) => message,
                 Err(err) => {
                     // Checked before storing, so this is a bug or a damaged store.
@@ -289,17 +306,9 @@ impl Delivery {
                     continue;
                 }
             };
-            let mut headers = HeaderMap::new();
-            for (name, value) in &message.headers {
-                headers.append(name.as_str(), value.as_str());
-            }
-            for (name, value) in provenance_headers(op) {
-                headers.insert(name, value.as_str());
-            }
-            let subject = message.subject;
             match self
                 .js
-                .publish_with_headers(subject, headers, message.payload.into())
+                .publish_with_headers(subject, headers, payload.into())
                 .await
             {
                 Ok(ack) => pending.push(Ok(ack)),

@@ -4,8 +4,10 @@
 //!   the author's log for its subject and stored before the NATS message is acked.
 //! - the sync protocol ([`crate::network::sync`]) carries operations between nodes;
 //! - [`delivery`]: accepted operations of other authors are published into the local JetStream
-//!   on their original subject, per log in sequence order, exactly once.
+//!   on their original subject, per log in sequence order, exactly once;
+//! - [`dead_letters`]: what the local JetStream could never take, listed and replayed.
 
+pub mod dead_letters;
 pub mod delivery;
 pub mod outbound;
 
