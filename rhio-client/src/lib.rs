@@ -294,12 +294,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<ImportReply, ClientError> {
         let answer = self.import_raw(path, dataset, subject, timeout).await?;
-        let reply: Reply<ImportReply> =
-            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-                subject: IMPORT_SUBJECT.into(),
-                reason: err.to_string(),
-            })?;
-        reply.into_result().map_err(ClientError::from)
+        reply_of(IMPORT_SUBJECT, &answer)
     }
 
     /// Progress events of the imports running in the cluster (subscribe before importing).
@@ -376,18 +371,26 @@ impl Client {
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).expect("request serializes");
         let answer = self.request(subject, body, self.timeout * 6).await?;
-        let reply: Reply<T> =
-            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-                subject: subject.into(),
-                reason: err.to_string(),
-            })?;
-        reply.into_result().map_err(ClientError::from)
+        reply_of(subject, &answer)
     }
 
     /// The underlying NATS client (for progress subscriptions and the like).
     pub fn nats(&self) -> &async_nats::Client {
         &self.nats
     }
+}
+
+/// The value of a node's [`Reply`] on `subject`; a refusal is [`ClientError::Refused`] with the
+/// node's code.
+fn reply_of<T: serde::de::DeserializeOwned>(
+    subject: &str,
+    answer: &[u8],
+) -> Result<T, ClientError> {
+    let reply: Reply<T> = serde_json::from_slice(answer).map_err(|err| ClientError::BadAnswer {
+        subject: subject.into(),
+        reason: err.to_string(),
+    })?;
+    reply.into_result().map_err(ClientError::from)
 }
 
 /// A new node key: `(private key hex, public key hex)`.

@@ -55,12 +55,14 @@ pub enum ErrorCode {
     Internal,
     /// The local JetStream still refuses a replayed dead letter.
     DeliveryFailed,
+    /// `rhio.retry` of a version that is not recorded as failed.
+    NotFailed,
     /// A code this version does not know (a newer node): kept verbatim in [`ErrorBody`].
     Unknown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::NotFound,
         ErrorCode::NotAFile,
@@ -75,6 +77,7 @@ impl ErrorCode {
         ErrorCode::ReadFailed,
         ErrorCode::Internal,
         ErrorCode::DeliveryFailed,
+        ErrorCode::NotFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl ErrorCode {
             ErrorCode::ReadFailed => "read_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::DeliveryFailed => "delivery_failed",
+            ErrorCode::NotFailed => "not_failed",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -297,6 +301,21 @@ impl DatasetEvent {
         }
     }
 }
+
+/// A `rhio.retry` request: replicate a version recorded as failed again. Answered with a
+/// [`Reply`] of [`Empty`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// The author's public key (hex).
+    pub author: String,
+    pub dataset: String,
+    pub version: u64,
+}
+
+/// A reply with nothing besides `"ok": true`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
 
 /// A routed message the local JetStream could not take (`rhio.dead_letters.list`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

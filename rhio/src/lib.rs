@@ -7,6 +7,7 @@
 //! - [`keys`]: the node's Ed25519 key (file created with mode 0600, or from `RHIO_PRIVATE_KEY`);
 //! - [`nats`]: the NATS connection (reconnects forever) and the `rhio.status` service;
 //! - [`s3`]: the S3 client and the background bucket check;
+//! - [`policy`]: members and routes, the plain policy every layer above asks;
 //! - [`network`]: the p2panda-net/iroh QUIC endpoint and the known-node probes;
 //! - [`http`]: `GET /health` and `GET /metrics`;
 //! - [`store`]: the durable operation store (SQLite) with group commit;
@@ -39,6 +40,7 @@ pub mod mirror;
 pub mod nats;
 pub mod network;
 pub mod node;
+pub mod policy;
 pub mod retry;
 pub mod routing;
 pub mod s3;

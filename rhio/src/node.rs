@@ -48,7 +48,7 @@ pub enum StartError {
     #[error("{0}")]
     Routing(String),
     #[error("replication: {0}")]
-    Replication(String),
+    Replication(#[from] crate::datasets::replicate::ReplicationError),
     #[error("registry mirror: {0}")]
     Mirror(String),
     #[error("members: {0}")]
@@ -219,7 +219,7 @@ impl Node {
         let js = async_nats::jetstream::new(nats.client().clone());
         check_streams(&nats, &js, &config).await?;
 
-        let members = crate::network::Members::from_config(&config.network, key.public_key())
+        let members = crate::policy::Members::from_config(&config.network, key.public_key())
             .map_err(StartError::Members)?;
         tasks.spawn(members.clone().watch_file(shutdown.clone()));
         let network = Network::spawn(&config.network, &key, members.clone()).await?;
@@ -229,7 +229,7 @@ impl Node {
         // The index is filled before the blob server answers anyone.
         let transfer_state = TransferState::open(&config.node.data_dir.join("replication.sqlite"))
             .await
-            .map_err(|err| StartError::Replication(format!("state: {err}")))?;
+            .map_err(|err| StartError::Replication(err.into()))?;
         let outbox = Outbox::new(transfer_state.clone());
         let replicator = Replicator::new(
             s3.clone(),
@@ -244,10 +244,7 @@ impl Node {
             network.clone(),
             outbox.clone(),
         );
-        replicator
-            .load_index()
-            .await
-            .map_err(|err| StartError::Replication(format!("blob index: {err}")))?;
+        replicator.load_index().await?;
         network
             .accept(
                 BLOBS_ALPN,

@@ -22,6 +22,24 @@ fn message(subject: &str, i: usize, size: usize) -> (String, HeaderMap, Vec<u8>)
     (subject.to_string(), headers, payload)
 }
 
+/// Changes the configuration of stream `name`, as an operator would.
+async fn update_stream(
+    nats_url: &str,
+    name: &str,
+    change: impl FnOnce(&mut jetstream::stream::Config),
+) {
+    let js = jetstream_of(nats_url).await;
+    let mut config = js
+        .get_stream(name)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    change(&mut config);
+    js.update_stream(config).await.expect("update the stream");
+}
+
 /// The `Seq` header of each message, in stream order, for messages on `subject`; checks that
 /// every message's provenance verifies and that no operation appears twice.
 fn seqs_on(messages: &[jetstream::message::StreamMessage], subject: &str) -> Vec<usize> {
@@ -92,18 +110,9 @@ fn a_message_jetstream_refuses_is_dead_lettered_and_1000_behind_it_arrive_in_ord
     node_b.wait_healthy();
     let rt = runtime();
     // The operator then narrows IN: stray.> is captured by no stream any more.
-    rt.block_on(async {
-        let js = jetstream_of(&env.clusters[1].nats_url).await;
-        let mut config = js
-            .get_stream("IN")
-            .await
-            .unwrap()
-            .cached_info()
-            .config
-            .clone();
+    rt.block_on(update_stream(&env.clusters[1].nats_url, "IN", |config| {
         config.subjects = vec!["poison.>".into()];
-        js.update_stream(config).await.expect("narrow IN");
-    });
+    }));
 
     let mut published = vec![
         // Fits A's NATS (1 MiB) as published, not once B's provenance headers are added.
@@ -183,19 +192,10 @@ fn a_message_jetstream_refuses_is_dead_lettered_and_1000_behind_it_arrive_in_ord
     assert_eq!(rt.block_on(common::stream_count(&nats_b, "IN")), 1000);
     assert_eq!(rt.block_on(client.dead_letters()).unwrap().len(), 2);
     // The operator fixes both causes; a replay delivers both, in log order, with provenance.
-    rt.block_on(async {
-        let js = jetstream_of(&nats_b).await;
-        let mut config = js
-            .get_stream("IN")
-            .await
-            .unwrap()
-            .cached_info()
-            .config
-            .clone();
+    rt.block_on(update_stream(&nats_b, "IN", |config| {
         config.subjects = vec!["poison.>".into(), "stray.>".into()];
         config.max_message_size = 1024 * 1024;
-        js.update_stream(config).await.expect("widen IN");
-    });
+    }));
     let (code, stdout, stderr) =
         common::cli(&["--nats", &nats_b, "dead-letters", "replay", "--all"], &[]);
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -344,29 +344,16 @@ fn queued_imports_survive_a_node_that_was_down() {
     assert_eq!(outcome["dataset"], "queued");
     assert_eq!(outcome["request"], file.to_str().unwrap());
     // Acked after the import: the work queue is empty.
-    wait_queue_empty(&rt, &results.0);
+    wait_queue_empty(&rt, &nats_url);
 }
 
 /// Waits until the durable import queue holds no request (an ended request is acked and
 /// removed; one that is still queued would be delivered again).
-fn wait_queue_empty(rt: &tokio::runtime::Runtime, client: &async_nats::Client) {
+fn wait_queue_empty(rt: &tokio::runtime::Runtime, nats_url: &str) {
     common::wait_for(
         "the import queue to be empty",
         Duration::from_secs(10),
-        || {
-            let messages = rt.block_on(async {
-                async_nats::jetstream::new(client.clone())
-                    .get_stream("RHIO_IMPORTS")
-                    .await
-                    .unwrap()
-                    .get_info()
-                    .await
-                    .unwrap()
-                    .state
-                    .messages
-            });
-            (messages == 0).then_some(())
-        },
+        || (rt.block_on(common::stream_count(nats_url, "RHIO_IMPORTS")) == 0).then_some(()),
     );
 }
 
@@ -400,7 +387,7 @@ fn queued_imports_end_on_permanent_s3_errors_and_dead_letter_after_max_attempts(
 
     // Transient: S3 is down. Two attempts, the second one the dead letter.
     env.stop(&format!("s3-{}", cluster.name));
-    let (client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
+    let (_client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
     let first = next_result(&rt, &mut results);
     assert_eq!(first["ok"], false, "{first}");
     assert_eq!(first["error"]["code"], "storage_unavailable", "{first}");
@@ -412,7 +399,7 @@ fn queued_imports_end_on_permanent_s3_errors_and_dead_letter_after_max_attempts(
     assert_eq!(last["attempt"], 2, "{last}");
     assert_eq!(last["will_retry"], false, "{last}");
     assert_eq!(last["dead_letter"], true, "{last}");
-    wait_queue_empty(&rt, &client);
+    wait_queue_empty(&rt, &cluster.nats_url);
 
     // Permanent: the S3 server answers again, on the same port and data, but no longer accepts
     // the node's credentials (403 on every call).
@@ -421,7 +408,7 @@ fn queued_imports_end_on_permanent_s3_errors_and_dead_letter_after_max_attempts(
         return;
     }
     let _refusing = RefusingS3::start(&env, cluster);
-    let (client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
+    let (_client, mut results) = queue_request(&rt, &cluster.nats_url, &request);
     let refused = next_result(&rt, &mut results);
     assert_eq!(refused["ok"], false, "{refused}");
     assert_eq!(refused["error"]["code"], "storage_denied", "{refused}");
@@ -429,7 +416,7 @@ fn queued_imports_end_on_permanent_s3_errors_and_dead_letter_after_max_attempts(
     assert_eq!(refused["will_retry"], false, "{refused}");
     assert_eq!(refused["dead_letter"], false, "{refused}");
     // Ended in that one attempt: nothing is left to deliver again.
-    wait_queue_empty(&rt, &client);
+    wait_queue_empty(&rt, &cluster.nats_url);
     // The same request over rhio.import answers the same code at once.
     let answer = rt.block_on(common::rhio_import(&cluster.nats_url, &request, None));
     assert_eq!(answer["error"]["code"], "storage_denied", "{answer}");

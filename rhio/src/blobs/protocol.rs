@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 
 use super::{BAO_BLOCK_SIZE, BlobIndex};
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::network::Members;
+use crate::policy::Members;
 use crate::s3::{ObjectError, S3Store};
 
 /// Protocol id (bound to the network id by p2panda-net).

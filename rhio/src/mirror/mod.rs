@@ -243,7 +243,8 @@ impl Mirror {
     pub async fn run(self, shutdown: CancellationToken) {
         let inner = &self.inner;
         let max_retry = Duration::from_secs(inner.config.max_retry_interval_secs);
-        let mut retry = MIN_RETRY;
+        let mut attempts =
+            crate::retry::Backoff::new(MIN_RETRY, max_retry.max(MIN_RETRY)).attempts();
         let mut project_ready = !inner.config.create_project;
         tracing::info!(
             registry = %inner.config.registry,
@@ -270,7 +271,7 @@ impl Mirror {
             };
             let pause = match outcome {
                 Ok(()) => {
-                    retry = MIN_RETRY;
+                    attempts.reset();
                     self.set_state(|s| {
                         s.state = "idle";
                         s.last_error = None;
@@ -280,8 +281,8 @@ impl Mirror {
                 Err(err) => {
                     let auth = matches!(&err, PushError::Registry(e) if e.is_auth());
                     // Wrong credentials will not fix themselves soon: retry slowly.
-                    let pause = if auth { max_retry } else { retry };
-                    retry = (retry * 2).min(max_retry);
+                    let backoff = attempts.next_delay(crate::retry::jitter());
+                    let pause = if auth { max_retry } else { backoff };
                     let message = err.to_string();
                     let repeated = self.inner.status.lock().expect("status lock").last_error
                         == Some(message.clone());

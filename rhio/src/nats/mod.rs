@@ -133,10 +133,12 @@ fn parse_servers(endpoint: &str) -> Result<Vec<ServerAddr>, NatsError> {
         })
 }
 
-/// Capped exponential backoff: 100 ms, 200 ms, ... up to [`MAX_RECONNECT_DELAY`].
+/// The shared backoff with jitter: 100 ms, 200 ms, ... up to [`MAX_RECONNECT_DELAY`], each
+/// between half and all of its step, so the nodes of many clusters do not reconnect to a
+/// restarted NATS in the same instant.
 fn reconnect_delay(attempts: usize) -> Duration {
-    let exponent = attempts.min(16) as u32;
-    Duration::from_millis(100u64.saturating_mul(1u64 << exponent)).min(MAX_RECONNECT_DELAY)
+    let policy = crate::retry::Backoff::new(Duration::from_millis(100), MAX_RECONNECT_DELAY);
+    crate::retry::delay(policy, attempts.min(u32::MAX as usize) as u32)
 }
 
 fn log_event(endpoint: &str, event: async_nats::Event) {
@@ -261,10 +263,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconnect_delay_grows_and_is_capped() {
-        assert_eq!(reconnect_delay(0), Duration::from_millis(100));
-        assert_eq!(reconnect_delay(3), Duration::from_millis(800));
-        assert_eq!(reconnect_delay(1000), MAX_RECONNECT_DELAY);
+    fn reconnect_delay_grows_jittered_and_is_capped() {
+        let within = |attempts, step: Duration| {
+            let delay = reconnect_delay(attempts);
+            assert!(
+                delay >= step / 2 && delay <= step,
+                "{attempts}: {delay:?} for {step:?}"
+            );
+        };
+        within(0, Duration::from_millis(100));
+        within(3, Duration::from_millis(800));
+        within(1000, MAX_RECONNECT_DELAY);
     }
 
     #[test]

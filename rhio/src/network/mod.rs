@@ -18,7 +18,6 @@
 //! quickly while they answer and with capped exponential backoff while they do not.
 
 mod hello;
-pub mod members;
 mod overlay;
 pub mod retention;
 pub mod sync;
@@ -40,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{KnownNode, NetworkConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-pub use members::Members;
+pub use crate::policy::Members;
 /// What status reports about the QUIC endpoint.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetworkStatus {
@@ -178,11 +177,11 @@ impl PeerState {
 pub struct PeerTable {
     peers: Arc<Mutex<BTreeMap<PublicKey, PeerState>>>,
     suspect_after: Duration,
-    members: members::Members,
+    members: Members,
 }
 
 impl PeerTable {
-    fn new(known: &[KnownNode], suspect_after: Duration, members: members::Members) -> Self {
+    fn new(known: &[KnownNode], suspect_after: Duration, members: Members) -> Self {
         let peers = known
             .iter()
             .map(|node| {
@@ -444,7 +443,7 @@ impl Network {
     pub async fn start_sync(
         &self,
         store: crate::store::Store,
-        routes: crate::routing::Routes,
+        routes: crate::policy::Routes,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<(), NetworkError> {
@@ -692,7 +691,8 @@ struct Prober {
 
 impl Prober {
     async fn run(self) {
-        let mut retry = MIN_RETRY;
+        let mut attempts =
+            crate::retry::Backoff::new(MIN_RETRY, self.max_retry.max(MIN_RETRY)).attempts();
         loop {
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -709,7 +709,7 @@ impl Prober {
                     if self.peers.seen(&self.peer, Some(rtt)) {
                         tracing::info!(peer = %self.peer, rtt_ms = rtt.as_secs_f64() * 1000.0, "peer reachable");
                     }
-                    retry = MIN_RETRY;
+                    attempts.reset();
                     self.interval
                 }
                 Err(error) => {
@@ -720,11 +720,9 @@ impl Prober {
                     if self.peers.failed(&self.peer, error.clone()) {
                         tracing::warn!(peer = %self.peer, %error, "peer unreachable; retrying with backoff");
                     } else {
-                        tracing::debug!(peer = %self.peer, %error, ?retry, "peer still unreachable");
+                        tracing::debug!(peer = %self.peer, %error, failures = attempts.failures() + 1, "peer still unreachable");
                     }
-                    let pause = retry;
-                    retry = (retry * 2).min(self.max_retry);
-                    pause
+                    attempts.next_delay(crate::retry::jitter())
                 }
             };
             tokio::select! {

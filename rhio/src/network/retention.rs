@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NetworkConfig;
 use crate::metrics::Metrics;
-use crate::routing::Routes;
+use crate::policy::Routes;
 use crate::store::Store;
 
 const INTERVAL: Duration = Duration::from_secs(60);

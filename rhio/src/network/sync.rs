@@ -40,9 +40,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::PeerTable;
-use super::members::Members;
 use crate::metrics::{Metrics, ReasonLabels, RejectReason};
-use crate::routing::Routes;
+use crate::policy::Members;
+use crate::policy::Routes;
 use crate::store::{InsertOutcome, Store};
 
 /// Protocol id of the sync protocol (bound to the network id by p2panda-net).
@@ -54,8 +54,9 @@ const CATCH_UP_CHUNK: u64 = 512;
 const FRAME_QUEUE: usize = 1024;
 /// Operations verified and stored together.
 const VERIFY_BATCH: usize = 512;
-const MIN_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Reconnecting a sync session that ended.
+const RETRY: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a subscriber may take to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -440,7 +441,7 @@ impl Drop for EagerGuard<'_> {
 
 impl SyncClient {
     pub async fn run(self) {
-        let mut retry = MIN_RETRY;
+        let mut attempts = RETRY.attempts();
         loop {
             let started = std::time::Instant::now();
             let result = tokio::select! {
@@ -452,14 +453,12 @@ impl SyncClient {
                 self.peers.failed(&self.peer, err);
             }
             // A session that lasted a while was healthy: start the backoff over.
-            if started.elapsed() > MAX_RETRY {
-                retry = MIN_RETRY;
+            if started.elapsed() > RETRY.max {
+                attempts.reset();
             }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(retry) => {}
+            if !crate::retry::after_failure(&mut attempts, &self.shutdown).await {
+                return;
             }
-            retry = (retry * 2).min(MAX_RETRY);
         }
     }
 
