@@ -30,6 +30,7 @@ runs Garage instead of s3s-fs as each cluster's S3 (`install` builds it once, ~2
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -214,7 +215,10 @@ def http_status(url):
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        # Also not ready: something that is no HTTP server answers on the port (another
+        # environment's NATS took it while ours started; the service then exits and restarts
+        # on new ports).
         return None
 
 

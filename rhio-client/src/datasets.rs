@@ -183,8 +183,7 @@ impl Client {
     /// caller's: the node never hands out secrets).
     pub async fn learn_s3(&self, s3: &S3Options) -> Result<S3Options, ClientError> {
         let status = self.status().await?;
-        let endpoint = status["s3"]["endpoint"].as_str().unwrap_or_default();
-        let bucket = status["s3"]["bucket"].as_str().unwrap_or_default();
+        let (endpoint, bucket) = (status.s3.endpoint.as_str(), status.s3.bucket.as_str());
         if endpoint.is_empty() || bucket.is_empty() {
             return Err(ClientError::Usage(
                 "no S3 endpoint: pass --s3-endpoint (or RHIO_S3_ENDPOINT); the node's status names none".into(),

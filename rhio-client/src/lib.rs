@@ -10,7 +10,7 @@
 //! # async fn run() -> Result<(), rhio_client::ClientError> {
 //! let client = rhio_client::Client::connect("nats://127.0.0.1:4222").await?;
 //! let status = client.status().await?;
-//! println!("{} peers connected", status["peers"]["connected"]);
+//! println!("{} peers connected", status.peers.connected);
 //! # Ok(()) }
 //! ```
 
@@ -107,8 +107,19 @@ impl Client {
         })
     }
 
-    /// The node's status document (the same JSON as `GET /health`).
-    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+    /// The node's status document (the same as `GET /health`), typed: the node serializes the
+    /// same [`NodeStatus`] type.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let status = self.status_json().await?;
+        serde_json::from_value(status).map_err(|err| ClientError::BadAnswer {
+            subject: STATUS_SUBJECT.into(),
+            reason: format!("not a status document: {err}"),
+        })
+    }
+
+    /// The node's status document as JSON (what `rhio-client status --json` prints); fields a
+    /// newer node adds are kept here.
+    pub async fn status_json(&self) -> Result<serde_json::Value, ClientError> {
         self.request_json(STATUS_SUBJECT, Vec::new()).await
     }
 
@@ -168,6 +179,7 @@ impl ReceivedMessage {
 
 /// The node's API types, shared with the node through `rhio-core` (one definition of each
 /// reply and error code on both sides).
+pub use rhio_core::api::status::NodeStatus;
 pub use rhio_core::api::{
     DeadLetter, DeadLetters, ErrorBody, ErrorCode, ImportOutcome, ImportProgress, ImportReply,
     ImportRequest, ReplayReply, ReplayRequest, Reply,

@@ -342,7 +342,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Status => {
             let client = rhio_client::Client::connect(&node.nats).await?;
-            let status = client.status().await?;
+            let status = client.status_json().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -45,7 +45,7 @@ impl ClusterState {
 impl Client {
     /// The cluster's state as seen by its node (`rhio.status`) and its dataset stream.
     pub async fn cluster_state(&self, stream: &str) -> Result<ClusterState, ClientError> {
-        let status = self.status().await?;
+        let status = self.status_json().await?;
         let versions = self.datasets(stream).await?;
         Ok(ClusterState {
             peers: peers_table(&status),

@@ -16,6 +16,8 @@
 //! );
 //! ```
 
+pub mod status;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

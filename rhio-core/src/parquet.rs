@@ -35,11 +35,17 @@ pub enum PartitionError {
 
 impl PartitionError {
     /// The stable error code of the `rhio.import` reply.
-    pub fn code(&self) -> &'static str {
+    pub fn error_code(&self) -> crate::api::ErrorCode {
+        use crate::api::ErrorCode;
         match self {
-            PartitionError::Empty | PartitionError::NotParquet(_) => "not_parquet",
-            PartitionError::Corrupt(_) | PartitionError::Encrypted => "corrupt_parquet",
+            PartitionError::Empty | PartitionError::NotParquet(_) => ErrorCode::NotParquet,
+            PartitionError::Corrupt(_) | PartitionError::Encrypted => ErrorCode::CorruptParquet,
         }
+    }
+
+    /// The stable code of the import reply (`not_parquet`, `corrupt_parquet`).
+    pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
     }
 }
 

@@ -109,7 +109,9 @@ impl Routes {
             }
             "/health/live" => text(StatusCode::OK, "alive\n"),
             "/metrics" => {
-                let body = self.metrics.render(self.status.snapshot().gauges());
+                let body = self
+                    .metrics
+                    .render(crate::status::gauges(&self.status.snapshot()));
                 response(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",

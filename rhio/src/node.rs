@@ -51,8 +51,8 @@ pub enum StartError {
     Replication(#[from] crate::datasets::replicate::ReplicationError),
     #[error("registry mirror: {0}")]
     Mirror(String),
-    #[error("members: {0}")]
-    Members(String),
+    #[error(transparent)]
+    Members(#[from] crate::policy::members::MembersError),
     #[error("cannot start the transfer runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot create data directory {path}: {source}")]

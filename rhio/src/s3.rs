@@ -164,15 +164,7 @@ impl ObjectError {
 }
 
 /// Last known state of the bucket, as reported in status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct S3Status {
-    pub endpoint: String,
-    pub bucket: String,
-    pub reachable: bool,
-    /// Unix time (seconds) of the last check.
-    pub last_check_unix: Option<u64>,
-    pub error: Option<String>,
-}
+pub use rhio_core::api::status::S3Status;
 
 /// The S3 client of the node, bound to its bucket.
 #[derive(Clone, Debug)]

@@ -1,117 +1,44 @@
 //! The node's status as one JSON document, shared by `GET /health` and `rhio.status`.
 //!
-//! Status is the aggregator on top: each subsystem owns its status type (`NatsStatus` in
-//! `nats`, `NetworkStatus` and `PeerStatus` in `network`, `S3Status` in `s3`, transfers in
-//! `datasets`) and its counters in `metrics`; this module only collects them, answers
-//! `rhio.status`, and hands `/metrics` the state gauges. Nothing below imports it.
+//! Status is the aggregator on top: the document's types are defined once in
+//! `rhio_core::api::status` (the clients read the same types), each subsystem fills its part
+//! (`NatsStatus` in `nats`, `NetworkStatus` and `PeerStatus` in `network`, `S3Status` in `s3`,
+//! transfers in `datasets`) and keeps its counters in `metrics`; this module only collects them,
+//! answers `rhio.status`, and hands `/metrics` the state gauges. Nothing below imports it.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use rhio_core::identity::PublicKey;
-use serde::{Deserialize, Serialize};
-
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, ReasonLabels, StateGauges};
 pub use crate::nats::NatsStatus;
 use crate::nats::{NatsConnection, STATUS_SUBJECT};
+use crate::network::Network;
 pub use crate::network::NetworkStatus;
-use crate::network::{Network, PeerStatus};
 use crate::routing::delivery::DeadLetterReason;
 use crate::routing::outbound::RefuseReason;
-use crate::s3::S3Status;
+pub use rhio_core::api::status::{DatasetsStatus, NodeStatus, PeersStatus, RoutingStatus};
 
-/// Everything a status request reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeStatus {
-    /// `ok` when NATS is connected, the S3 bucket is reachable and routing runs through every
-    /// configured stream; `degraded` otherwise.
-    pub status: String,
-    pub public_key: PublicKey,
-    pub version: String,
-    pub uptime_secs: u64,
-    pub nats: NatsStatus,
-    pub s3: S3Status,
-    pub network: NetworkStatus,
-    pub peers: PeersStatus,
-    pub routing: RoutingStatus,
-    /// JetStream streams rhio publishes from or into, and whether routing through them runs.
-    pub streams: Vec<crate::routing::StreamStatus>,
-    pub datasets: DatasetsStatus,
-    /// The registry mirror, when configured (its problems do not make the node `degraded`:
-    /// nothing else waits for it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<crate::mirror::MirrorStatus>,
-}
-
-/// Datasets in this cluster and replications in progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DatasetsStatus {
-    /// Row-group and footer blobs this node holds and serves.
-    pub blobs: usize,
-    pub versions_replicated: u64,
-    pub bytes_fetched: u64,
-    pub bytes_served: u64,
-    pub corrupt_ranges: u64,
-    pub transfers: Vec<crate::datasets::replicate::TransferStatus>,
-    /// Versions available here whose announcement JetStream has not acknowledged yet.
-    pub announcements_pending: usize,
-    /// Versions of other authors that cannot be replicated, with the reason (`rhio.retry`
-    /// replicates one again).
-    pub failed: Vec<crate::datasets::transfers::FailedVersion>,
-}
-
-/// Counters of message routing since the node started.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RoutingStatus {
-    pub signed: u64,
-    pub received: u64,
-    pub delivered: u64,
-    pub rejected: u64,
-    /// Received messages moved aside because the local JetStream can never take them.
-    pub dead_lettered: u64,
-    /// Local messages not signed because no cluster could take them.
-    pub refused: u64,
-    /// Sync sessions open to known nodes.
-    pub sessions_subscribed: i64,
-    /// Sync sessions known nodes have open to us.
-    pub sessions_serving: i64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PeersStatus {
-    pub known: usize,
-    pub connected: usize,
-    pub nodes: Vec<PeerStatus>,
-}
-
-impl NodeStatus {
-    pub fn is_ok(&self) -> bool {
-        self.status == "ok"
-    }
-
-    /// The state gauges `/metrics` mirrors.
-    pub fn gauges(&self) -> StateGauges {
-        StateGauges {
-            nats_connected: self.nats.connected,
-            s3_reachable: self.s3.reachable,
-            peers_known: self.peers.known,
-            peers_connected: self.peers.connected,
-            peers_suspect: self
-                .peers
-                .nodes
-                .iter()
-                .filter(|peer| peer.state == crate::network::Liveness::Suspect)
-                .count(),
-            peers_failed: self
-                .peers
-                .nodes
-                .iter()
-                .filter(|peer| peer.state == crate::network::Liveness::Failed)
-                .count(),
-            uptime_secs: self.uptime_secs,
-        }
+/// The state gauges `/metrics` mirrors from a status document.
+pub fn gauges(status: &NodeStatus) -> StateGauges {
+    let peers_in = |liveness| {
+        status
+            .peers
+            .nodes
+            .iter()
+            .filter(|peer| peer.state == liveness)
+            .count()
+    };
+    StateGauges {
+        nats_connected: status.nats.connected,
+        s3_reachable: status.s3.reachable,
+        peers_known: status.peers.known,
+        peers_connected: status.peers.connected,
+        peers_suspect: peers_in(crate::network::Liveness::Suspect),
+        peers_failed: peers_in(crate::network::Liveness::Failed),
+        uptime_secs: status.uptime_secs,
     }
 }
 

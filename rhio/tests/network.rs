@@ -81,7 +81,12 @@ fn nodes_of_different_networks_do_not_connect() {
             .filter(|body| body["peers"]["nodes"][0]["last_error"].is_string())
     });
     assert_eq!(health["peers"]["connected"], 0);
-    std::thread::sleep(Duration::from_secs(2));
+    // Three more attempts, each refused: a connection would have shown in one of them.
+    let first = health["peers"]["nodes"][0]["failures"].as_u64().unwrap();
+    wait_for("three more failed probes", Duration::from_secs(30), || {
+        let (_, body) = node_a.health()?;
+        (body["peers"]["nodes"][0]["failures"].as_u64()? >= first + 3).then_some(())
+    });
     assert_eq!(node_a.health().unwrap().1["peers"]["connected"], 0);
     assert_eq!(node_b.health().unwrap().1["peers"]["connected"], 0);
 }

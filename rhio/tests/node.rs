@@ -39,8 +39,10 @@ fn serves_health_metrics_and_status_then_stops_on_sigint() {
             .unwrap();
         client.status().await.unwrap()
     });
-    assert_eq!(status["public_key"], public_key.as_str());
-    assert_eq!(status["status"], "ok");
+    // Typed: the client reads the node's own document type.
+    assert_eq!(status.public_key.to_hex(), public_key);
+    assert!(status.is_ok(), "{status:?}");
+    assert_eq!(status.nats.state, "connected");
 
     let (code, metrics) = http_get(node.spec.http_addr(), "/metrics").unwrap();
     assert_eq!(code, 200);
@@ -151,7 +153,7 @@ fn starts_while_nats_is_down_and_connects_when_it_comes_up() {
 async fn wait_for_status(client: &rhio_client::Client) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match client.status().await {
+        match client.status_json().await {
             Ok(status) => return status,
             Err(err) if tokio::time::Instant::now() < deadline => {
                 let _ = err;

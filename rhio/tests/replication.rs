@@ -420,40 +420,53 @@ fn messages_are_routed_while_a_dataset_replicates() {
     assert_copy(&env.clusters[1], &got[0].0, &file);
 }
 
+/// B subscribes to A's dataset "public" only. Replication decides per stored operation, in the
+/// order B stores them (one loop over the store's events): so once "public", stored after
+/// "private", has replicated, the decision about "private" has been made, and it shows as no
+/// object, no manifest and no second version in B.
 #[test]
 fn datasets_of_an_author_are_not_replicated_without_a_matching_subscription() {
     let env = LocalEnv::up(2);
     let dirs = dirs();
-    let file = dirs.root.join("private.parquet");
-    make_parquet(&["sized", file.to_str().unwrap(), "4", "500"]);
-    let [mut a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
-    a.extra = publish_toml(&["announcements.>"], "ANNOUNCEMENTS");
-    // B takes A's announcements, not its datasets.
-    b.extra = subscribe_toml(&a.public_key(), &["announcements.>"], "ANNOUNCEMENTS");
-    let [node_a, node_b] = start_healthy([&a, &b]);
-    import(&env.clusters[0], &file, "private");
-    // A message sent after the import arriving proves the sync session carried everything
-    // B is allowed to have.
-    runtime().block_on(common::js_publish(
-        &env.clusters[0].nats_url,
-        [(
-            "announcements.done".to_string(),
-            async_nats::HeaderMap::new(),
-            b"imported".to_vec(),
-        )],
-    ));
-    runtime().block_on(stream_messages(
-        &env.clusters[1].nats_url,
-        "ANNOUNCEMENTS",
-        1,
-        WAIT,
-    ));
-    assert!(s3_keys(&env.clusters[1], "datasets/").is_empty());
-    let (_, health) = node_b.health().unwrap();
-    assert_eq!(health["datasets"]["blobs"], 0, "{health}");
+    let private = dirs.root.join("private.parquet");
+    make_parquet(&["sized", private.to_str().unwrap(), "4", "500"]);
+    let public = dirs.root.join("public.parquet");
+    make_parquet(&["sized", public.to_str().unwrap(), "2", "500"]);
+    let [a, mut b] = specs(&env, &dirs, [&[1], &[0]]);
+    b.extra = subscribe_toml(&a.public_key(), &["datasets.public"], "DATASETS");
+    let [_node_a, node_b] = start_healthy([&a, &b]);
+    import(&env.clusters[0], &private, "private");
+    // B stores (relays) A's private manifest: every member relays every member's operations.
+    wait_for("B stored the private manifest", WAIT, || {
+        (common::metric_present(&node_b, "rhio_operations_received_total")? >= 1.0).then_some(())
+    });
+    import(&env.clusters[0], &public, "public");
+    let got = announcements(&env.clusters[1], 1);
     assert_eq!(
-        common::metric_present(&node_a, "rhio_blob_bytes_served_total"),
-        Some(0.0)
+        got.len(),
+        1,
+        "only the subscribed dataset is announced in B"
+    );
+    assert_eq!(got[0].0["dataset"], "public");
+    assert_copy(&env.clusters[1], &got[0].0, &public);
+    assert!(s3_keys(&env.clusters[1], "datasets/private").is_empty());
+    assert!(s3_keys(&env.clusters[1], ".rhio/manifests/private").is_empty());
+    // A transfer of "private", had one been decided, would have started before "public"'s and
+    // be listed here still (or be finished, and announced above).
+    let (_, health) = node_b.health().unwrap();
+    assert_eq!(
+        health["datasets"]["transfers"],
+        serde_json::json!([]),
+        "{health}"
+    );
+    assert_eq!(
+        health["datasets"]["failed"],
+        serde_json::json!([]),
+        "{health}"
+    );
+    assert_eq!(
+        common::metric_present(&node_b, "rhio_replication_versions_total{outcome=\"done\"}"),
+        Some(1.0)
     );
 }
 
@@ -487,12 +500,16 @@ fn s3_outage_mid_replication(service: &str) {
     );
     assert!(done < total, "the transfer finished before the outage");
     assert_copy(&env.clusters[1], &got[0].0, &file);
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        announcements(&env.clusters[1], 1).len(),
-        1,
-        "announced once"
-    );
+    // Announced once: B's outbox announces in the order versions became available, so a repeat
+    // of "outage" would be in the stream before a later dataset's announcement.
+    let barrier = dirs.root.join("after-outage.parquet");
+    make_parquet(&["sized", barrier.to_str().unwrap(), "1", "500"]);
+    import(&env.clusters[0], &barrier, "after-outage");
+    let datasets: Vec<Value> = announcements(&env.clusters[1], 2)
+        .into_iter()
+        .map(|(summary, _)| summary["dataset"].clone())
+        .collect();
+    assert_eq!(datasets, ["outage", "after-outage"], "announced once");
     let (code, health) = node_b.health().unwrap();
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["datasets"]["announcements_pending"], 0, "{health}");

@@ -80,7 +80,7 @@ impl Client {
     /// The node's status as JSON text.
     fn status(&self, py: Python<'_>) -> PyResult<String> {
         let status = py
-            .detach(|| self.runtime.block_on(self.inner.status()))
+            .detach(|| self.runtime.block_on(self.inner.status_json()))
             .map_err(raise)?;
         Ok(to_json(&status))
     }

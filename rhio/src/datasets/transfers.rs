@@ -72,13 +72,7 @@ pub struct Announcement {
 }
 
 /// A version that cannot be replicated, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FailedVersion {
-    pub author: String,
-    pub dataset: String,
-    pub version: u64,
-    pub reason: String,
-}
+pub use rhio_core::api::status::FailedVersion;
 
 /// A part already in S3.
 #[derive(Debug, Clone, PartialEq, Eq)]

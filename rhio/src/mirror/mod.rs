@@ -29,7 +29,6 @@ use rhio_core::identity::PublicKey;
 use rhio_core::manifest::{DatasetManifest, SignedManifest};
 use rhio_core::oci::{self, Blob, DatasetArtifact, ImageManifest};
 use rhio_core::operation::LogId;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -66,24 +65,13 @@ pub enum PushError {
     State(#[from] sqlx::Error),
 }
 
-/// One version in the status.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MirrorVersionStatus {
-    pub dataset: String,
-    pub version: u64,
-    pub author: String,
-    pub repository: String,
-    /// `pending`, `pushing`, `pushed`, `failed` (retried) or `invalid` (its dataset name is no
-    /// OCI repository name: never pushed).
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub attempts: u32,
-}
+/// What status shows of the mirror and of each version (defined with the status document).
+pub use rhio_core::api::status::{MirrorStatus, MirrorVersionStatus};
 
-impl MirrorVersionStatus {
-    fn of(version: &QueuedVersion, repository: String, state: &str) -> Self {
-        Self {
+/// One queued version as status shows it.
+fn version_status(version: &QueuedVersion, repository: String, state: &str) -> MirrorVersionStatus {
+    {
+        MirrorVersionStatus {
             dataset: version.id.dataset.clone(),
             version: version.id.version,
             author: version.id.author.to_hex(),
@@ -93,25 +81,6 @@ impl MirrorVersionStatus {
             attempts: version.attempts,
         }
     }
-}
-
-/// What `/health` and `rhio.status` show under `mirror`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MirrorStatus {
-    pub registry: String,
-    pub project: String,
-    /// `anonymous access` or the user name (never the password).
-    pub user: String,
-    /// `idle`, `pushing`, `retrying` or `unauthorized`.
-    pub state: String,
-    /// Versions waiting for a push (failed ones included).
-    pub pending: usize,
-    /// Versions pushed, all time.
-    pub pushed: u64,
-    pub bytes_pushed: u64,
-    pub last_error: Option<String>,
-    /// Pending and failed versions, then the most recent pushes.
-    pub versions: Vec<MirrorVersionStatus>,
 }
 
 /// Handle of the mirror; cheap to clone.
@@ -327,14 +296,14 @@ impl Mirror {
             .await?
             .into_iter()
             .filter(|version| self.wanted(version))
-            .map(|v| MirrorVersionStatus::of(&v, String::new(), "invalid"))
+            .map(|v| version_status(&v, String::new(), "invalid"))
             .collect();
         self.set_state(|s| {
             s.pending = pending
                 .iter()
                 .map(|v| {
                     let state = if v.attempts > 0 { "failed" } else { "pending" };
-                    MirrorVersionStatus::of(v, self.repository(&v.id).unwrap_or_default(), state)
+                    version_status(v, self.repository(&v.id).unwrap_or_default(), state)
                 })
                 .collect();
             s.invalid = invalid;
@@ -377,7 +346,7 @@ impl Mirror {
                     s.invalid.push(MirrorVersionStatus {
                         reason: Some(reason.clone()),
                         attempts: 1,
-                        ..MirrorVersionStatus::of(version, String::new(), "invalid")
+                        ..version_status(version, String::new(), "invalid")
                     });
                 });
                 self.update_queue_gauge();
@@ -408,7 +377,7 @@ impl Mirror {
                     s.pushed += 1;
                     s.recent.push_front(MirrorVersionStatus {
                         reason: None,
-                        ..MirrorVersionStatus::of(version, repository.clone(), "pushed")
+                        ..version_status(version, repository.clone(), "pushed")
                     });
                     s.recent.truncate(RECENT_PUSHES);
                 });

@@ -13,14 +13,9 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsAuth, NatsConfig};
-/// What status reports about the NATS connection.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NatsStatus {
-    pub endpoint: String,
-    pub connected: bool,
-    /// `connected`, `disconnected` or `pending` (never connected yet).
-    pub state: String,
-}
+
+/// What status reports about the NATS connection (defined with the status document).
+pub use rhio_core::api::status::NatsStatus;
 
 /// Subject of the status request/reply service.
 pub use rhio_core::api::STATUS_SUBJECT;

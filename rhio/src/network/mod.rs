@@ -32,7 +32,6 @@ use p2panda_net::iroh_endpoint::IrohConfig;
 use p2panda_net::utils::from_verifying_key;
 use p2panda_net::{AddressBook, Endpoint};
 use rhio_core::identity::{PrivateKey, PublicKey};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -40,21 +39,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{KnownNode, NetworkConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
 pub use crate::policy::Members;
-/// What status reports about the QUIC endpoint.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NetworkStatus {
-    pub network_id: String,
-    /// UDP sockets the QUIC endpoint is bound to.
-    pub bound_addresses: Vec<String>,
-    /// Other members of the network (allowed to hold sessions and fetch blobs).
-    #[serde(default)]
-    pub members: usize,
-    /// Current overlay neighbours that are members (filled by status from the peer list).
-    #[serde(default)]
-    pub neighbours: usize,
-}
 
 pub use hello::HELLO_ALPN;
+/// What status reports about the endpoint and each peer (defined with the status document).
+pub use rhio_core::api::status::{Liveness, NetworkStatus, PeerStatus};
 
 /// Longest a single probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,46 +85,6 @@ fn endpoint_error<E: std::error::Error + Send + Sync + 'static>(
         step,
         source: Box::new(err),
     }
-}
-
-/// What the node knows about one peer: a known node, an overlay neighbour that is a member, or a
-/// sampled member.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub public_key: PublicKey,
-    pub addresses: Vec<SocketAddr>,
-    pub state: Liveness,
-    /// Alive: a hello or sync frame was exchanged (in either direction) recently.
-    pub connected: bool,
-    /// Configured in `network.known_nodes`.
-    pub known: bool,
-    /// A neighbour in the gossip overlay's active view right now.
-    pub neighbour: bool,
-    /// Picked at random from the members list because fewer than three members were known
-    /// nodes or neighbours (the overlay may hold nodes that are no members).
-    pub sampled: bool,
-    /// In the members list (sessions are held with members only).
-    pub member: bool,
-    /// Round trip of the last successful outbound probe, in milliseconds.
-    pub rtt_ms: Option<f64>,
-    /// Seconds since the last successful exchange.
-    pub last_seen_secs_ago: Option<u64>,
-    /// Probes and sync sessions that failed since the last success.
-    pub failures: u64,
-    /// Why the last probe or session failed, if it did.
-    pub last_error: Option<String>,
-}
-
-/// What the failure detector thinks of a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Liveness {
-    /// Answered within `network.suspect_after_secs`.
-    Alive,
-    /// Silent for longer, or a probe or session just failed.
-    Suspect,
-    /// Silent for three times as long, or three failures in a row.
-    Failed,
 }
 
 #[derive(Debug, Default)]

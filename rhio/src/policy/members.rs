@@ -17,6 +17,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NetworkConfig;
 
+/// Why the members file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MembersError {
+    #[error("network.members_file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network.members_file {path}: line {line}: {reason}")]
+    BadKey {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
 /// How often the members file is read again.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
@@ -33,7 +50,7 @@ pub struct Members {
 
 impl Members {
     /// Reads the configured members; an unreadable or malformed members file stops the start.
-    pub fn from_config(config: &NetworkConfig, own: PublicKey) -> Result<Self, String> {
+    pub fn from_config(config: &NetworkConfig, own: PublicKey) -> Result<Self, MembersError> {
         let mut fixed: BTreeSet<PublicKey> = config.members.iter().copied().collect();
         if fixed.is_empty() && config.members_file.is_none() {
             fixed.extend(config.known_nodes.iter().map(|node| node.public_key));
@@ -129,14 +146,21 @@ impl Members {
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<PublicKey>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| format!("network.members_file {}: {err}", path.display()))?;
-    parse(&text).map_err(|err| format!("network.members_file {}: {err}", path.display()))
+fn read_file(path: &Path) -> Result<Vec<PublicKey>, MembersError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MembersError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|(line, reason)| MembersError::BadKey {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    })
 }
 
 /// Parses a members file: one hex public key per line; blank lines and `#` comments ignored.
-pub fn parse(text: &str) -> Result<Vec<PublicKey>, String> {
+/// A bad line is reported as (line number from 1, why).
+pub fn parse(text: &str) -> Result<Vec<PublicKey>, (usize, String)> {
     let mut keys = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or_default().trim();
@@ -145,7 +169,7 @@ pub fn parse(text: &str) -> Result<Vec<PublicKey>, String> {
         }
         let key = line
             .parse::<PublicKey>()
-            .map_err(|err| format!("line {}: {err}", number + 1))?;
+            .map_err(|err| (number + 1, err.to_string()))?;
         keys.push(key);
     }
     Ok(keys)
@@ -166,8 +190,8 @@ mod tests {
         let (a, b) = (key(), key());
         let text = format!("# network acme\n{a}\n\n  {b}   # cluster b\n");
         assert_eq!(parse(&text).unwrap(), vec![a, b]);
-        let err = parse(&format!("{a}\nnot-a-key\n")).unwrap_err();
-        assert!(err.contains("line 2"), "{err}");
+        let (line, _) = parse(&format!("{a}\nnot-a-key\n")).unwrap_err();
+        assert_eq!(line, 2);
     }
 
     #[test]

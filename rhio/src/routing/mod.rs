@@ -23,17 +23,7 @@ pub use crate::policy::Routes;
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
 
 /// What status reports about one configured stream.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StreamStatus {
-    pub name: String,
-    /// `publish` (rhio signs what it captures) or `subscribe` (rhio publishes into it).
-    pub role: String,
-    pub subjects: Vec<String>,
-    /// Routing through this stream runs.
-    pub active: bool,
-    /// Why it does not, when it does not.
-    pub error: Option<String>,
-}
+pub use rhio_core::api::status::StreamStatus;
 
 /// The configured streams and whether routing through each one runs; shared by the routing
 /// tasks (which report) and status (which reads).

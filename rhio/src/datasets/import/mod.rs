@@ -74,7 +74,7 @@ impl ImportError {
             ImportError::NotFound(_) => ErrorCode::NotFound,
             ImportError::NotAFile(_) => ErrorCode::NotAFile,
             ImportError::ForbiddenPath(_) => ErrorCode::ForbiddenPath,
-            ImportError::Parquet(err) => ErrorCode::parse(err.code()),
+            ImportError::Parquet(err) => err.error_code(),
             ImportError::TooLarge { .. } => ErrorCode::TooLarge,
             ImportError::Storage(err) => match err.kind {
                 S3ErrorKind::NotFound => ErrorCode::NotFound,

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use rhio_core::identity::PublicKey;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::datasets::transfers::VersionId;
@@ -35,28 +33,7 @@ pub enum ReplicationError {
 }
 
 /// A transfer in progress, as status reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TransferStatus {
-    pub dataset: String,
-    pub version: u64,
-    pub author: PublicKey,
-    pub bytes_total: u64,
-    /// Bytes of the file in S3 parts already.
-    pub bytes_done: u64,
-    /// Bytes that must come from peers (blobs this cluster lacks).
-    pub bytes_remote: u64,
-    /// Blobs of the version fetched from peers, and blobs found in this cluster.
-    pub blobs_remote: usize,
-    pub blobs_local: usize,
-    /// Bytes received from peers in this run (bao encoding included).
-    pub bytes_fetched: u64,
-    pub parts_total: usize,
-    pub parts_done: usize,
-    /// Peers that served ranges in this run.
-    pub peers: Vec<PublicKey>,
-    pub elapsed_secs: f64,
-    pub rate_mib_s: f64,
-}
+pub use rhio_core::api::status::TransferStatus;
 
 /// Transfers in progress and versions that failed, shared with status.
 #[derive(Debug, Clone, Default)]
