@@ -68,28 +68,41 @@ const GRAFT_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub type LogKey = (PublicKey, LogId);
 
+/// Why a frame could not be read or written: the stream failed, or the peer sent bytes that are
+/// no frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameIoError {
+    #[error("read: {0}")]
+    Read(#[from] ReadExactError),
+    #[error("write: {0}")]
+    Write(#[from] iroh::endpoint::WriteError),
+    #[error(transparent)]
+    Malformed(#[from] rhio_core::sync::FrameError),
+}
+
+/// A session's reason to end, as the peer table and the log show it.
+impl From<FrameIoError> for String {
+    fn from(err: FrameIoError) -> Self {
+        err.to_string()
+    }
+}
+
 /// Reads one frame; `None` when the peer finished the stream cleanly.
-pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, String> {
+pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, FrameIoError> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(err) => return Err(format!("read: {err}")),
+        Err(err) => return Err(err.into()),
     }
-    let length = Frame::decode_length(prefix).map_err(|err| err.to_string())?;
+    let length = Frame::decode_length(prefix)?;
     let mut frame = vec![0u8; length];
-    recv.read_exact(&mut frame)
-        .await
-        .map_err(|err| format!("read: {err}"))?;
-    Frame::decode(&frame)
-        .map(Some)
-        .map_err(|err| err.to_string())
+    recv.read_exact(&mut frame).await?;
+    Ok(Some(Frame::decode(&frame)?))
 }
 
-pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), String> {
-    send.write_all(&frame.encode())
-        .await
-        .map_err(|err| format!("write: {err}"))
+pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), FrameIoError> {
+    Ok(send.write_all(&frame.encode()).await?)
 }
 
 // ------------------------------------------------------------------------------- server side
@@ -539,7 +552,7 @@ impl SyncClient {
                         }
                     }
                     Ok(None) => return Err("peer ended the session".to_string()),
-                    Err(err) => return Err(err),
+                    Err(err) => return Err(err.into()),
                 }
             }
         };
