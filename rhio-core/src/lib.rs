@@ -24,6 +24,7 @@ pub mod blobs;
 pub mod broadcast;
 pub mod identity;
 pub mod layout;
+pub mod lifecycle;
 pub mod manifest;
 pub mod message;
 pub mod network;
