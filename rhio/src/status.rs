@@ -102,7 +102,11 @@ impl StatusSource {
         let streams = inner.streams.snapshot();
         let ok = nats.connected && s3.reachable && streams.iter().all(|s| s.active);
         NodeStatus {
-            status: if ok { "ok" } else { "degraded" }.into(),
+            status: if ok {
+                rhio_core::api::status::Health::Ok
+            } else {
+                rhio_core::api::status::Health::Degraded
+            },
             public_key: inner.public_key,
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_secs: inner.started.elapsed().as_secs(),

@@ -42,7 +42,10 @@ fn serves_health_metrics_and_status_then_stops_on_sigint() {
     // Typed: the client reads the node's own document type.
     assert_eq!(status.public_key.to_hex(), public_key);
     assert!(status.is_ok(), "{status:?}");
-    assert_eq!(status.nats.state, "connected");
+    assert_eq!(
+        status.nats.state,
+        rhio_core::api::status::NatsState::Connected
+    );
 
     let (code, metrics) = http_get(node.spec.http_addr(), "/metrics").unwrap();
     assert_eq!(code, 200);

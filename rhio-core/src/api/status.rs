@@ -10,9 +10,7 @@ use crate::identity::PublicKey;
 /// Everything a status request reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
-    /// `ok` when NATS is connected, the S3 bucket is reachable and routing runs through every
-    /// configured stream; `degraded` otherwise.
-    pub status: String,
+    pub status: Health,
     pub public_key: PublicKey,
     pub version: String,
     pub uptime_secs: u64,
@@ -76,8 +74,7 @@ pub struct PeersStatus {
 pub struct NatsStatus {
     pub endpoint: String,
     pub connected: bool,
-    /// `connected`, `disconnected` or `pending` (never connected yet).
-    pub state: String,
+    pub state: NatsState,
 }
 
 /// Last known state of the bucket, as reported in status.
@@ -149,8 +146,7 @@ pub enum Liveness {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamStatus {
     pub name: String,
-    /// `publish` (rhio signs what it captures) or `subscribe` (rhio publishes into it).
-    pub role: String,
+    pub role: StreamRole,
     pub subjects: Vec<String>,
     /// Routing through this stream runs.
     pub active: bool,
@@ -198,8 +194,7 @@ pub struct MirrorStatus {
     pub project: String,
     /// `anonymous access` or the user name (never the password).
     pub user: String,
-    /// `idle`, `pushing`, `retrying` or `unauthorized`.
-    pub state: String,
+    pub state: MirrorState,
     /// Versions waiting for a push (failed ones included).
     pub pending: usize,
     /// Versions pushed, all time.
@@ -217,9 +212,7 @@ pub struct MirrorVersionStatus {
     pub version: u64,
     pub author: String,
     pub repository: String,
-    /// `pending`, `pushing`, `pushed`, `failed` (retried) or `invalid` (its dataset name is no
-    /// OCI repository name: never pushed).
-    pub state: String,
+    pub state: MirrorVersionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub attempts: u32,
@@ -228,6 +221,111 @@ pub struct MirrorVersionStatus {
 impl NodeStatus {
     /// True when NATS is connected, the bucket reachable and routing runs through every stream.
     pub fn is_ok(&self) -> bool {
-        self.status == "ok"
+        self.status == Health::Ok
+    }
+}
+
+/// The states status reports. On the wire they are the lower-case strings of their names; a
+/// state a newer node adds reads as `Unknown` here.
+macro_rules! states {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+            #[serde(other)]
+            Unknown,
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                    $name::Unknown => "unknown",
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+states!(
+    /// `ok` when NATS is connected, the S3 bucket is reachable and routing runs through every
+    /// configured stream; `degraded` otherwise.
+    Health {
+        Ok => "ok",
+        Degraded => "degraded",
+    }
+);
+
+states!(
+    /// The NATS connection.
+    NatsState {
+        Connected => "connected",
+        Disconnected => "disconnected",
+        /// Never connected yet.
+        Pending => "pending",
+    }
+);
+
+states!(
+    /// What rhio does with a stream.
+    StreamRole {
+        /// rhio signs what the stream captures.
+        Publish => "publish",
+        /// rhio publishes received messages into it.
+        Subscribe => "subscribe",
+    }
+);
+
+states!(
+    /// The registry mirror as a whole.
+    MirrorState {
+        Idle => "idle",
+        Pushing => "pushing",
+        Retrying => "retrying",
+        /// The registry refuses the credentials: pushes wait.
+        Unauthorized => "unauthorized",
+    }
+);
+
+states!(
+    /// One version in the mirror's queue.
+    MirrorVersionState {
+        Pending => "pending",
+        Pushing => "pushing",
+        Pushed => "pushed",
+        /// Failed and retried.
+        Failed => "failed",
+        /// Its dataset name is no OCI repository name: never pushed.
+        Invalid => "invalid",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_their_lower_case_names_and_unknown_ones_are_kept_apart() {
+        assert_eq!(
+            serde_json::to_string(&Health::Degraded).unwrap(),
+            "\"degraded\""
+        );
+        assert_eq!(
+            serde_json::from_str::<MirrorVersionState>("\"invalid\"").unwrap(),
+            MirrorVersionState::Invalid
+        );
+        assert_eq!(
+            serde_json::from_str::<NatsState>("\"draining\"").unwrap(),
+            NatsState::Unknown
+        );
+        assert_eq!(StreamRole::Subscribe.to_string(), "subscribe");
     }
 }

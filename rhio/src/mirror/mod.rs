@@ -66,17 +66,23 @@ pub enum PushError {
 }
 
 /// What status shows of the mirror and of each version (defined with the status document).
-pub use rhio_core::api::status::{MirrorStatus, MirrorVersionStatus};
+pub use rhio_core::api::status::{
+    MirrorState, MirrorStatus, MirrorVersionState, MirrorVersionStatus,
+};
 
 /// One queued version as status shows it.
-fn version_status(version: &QueuedVersion, repository: String, state: &str) -> MirrorVersionStatus {
+fn version_status(
+    version: &QueuedVersion,
+    repository: String,
+    state: MirrorVersionState,
+) -> MirrorVersionStatus {
     {
         MirrorVersionStatus {
             dataset: version.id.dataset.clone(),
             version: version.id.version,
             author: version.id.author.to_hex(),
             repository,
-            state: state.into(),
+            state,
             reason: version.reason.clone(),
             attempts: version.attempts,
         }
@@ -103,15 +109,27 @@ struct Inner {
     status: Mutex<StatusState>,
 }
 
-#[derive(Default)]
 struct StatusState {
-    state: &'static str,
+    state: MirrorState,
     pending: Vec<MirrorVersionStatus>,
     /// Versions that can never be pushed (see [`MirrorQueue::invalid`]).
     invalid: Vec<MirrorVersionStatus>,
     recent: VecDeque<MirrorVersionStatus>,
     pushed: u64,
     last_error: Option<String>,
+}
+
+impl Default for StatusState {
+    fn default() -> Self {
+        Self {
+            state: MirrorState::Idle,
+            pending: Vec::new(),
+            invalid: Vec::new(),
+            recent: VecDeque::new(),
+            pushed: 0,
+            last_error: None,
+        }
+    }
 }
 
 impl Mirror {
@@ -156,7 +174,7 @@ impl Mirror {
                 metrics,
                 wake,
                 status: Mutex::new(StatusState {
-                    state: "idle",
+                    state: MirrorState::Idle,
                     pushed,
                     ..Default::default()
                 }),
@@ -171,7 +189,7 @@ impl Mirror {
             registry: inner.config.registry.clone(),
             project: inner.config.project.clone(),
             user: inner.registry.user(),
-            state: state.state.into(),
+            state: state.state,
             pending: state.pending.len(),
             pushed: state.pushed,
             bytes_pushed: inner.metrics.mirror_bytes_pushed.get(),
@@ -242,7 +260,7 @@ impl Mirror {
                 Ok(()) => {
                     attempts.reset();
                     self.set_state(|s| {
-                        s.state = "idle";
+                        s.state = MirrorState::Idle;
                         s.last_error = None;
                     });
                     None
@@ -263,7 +281,11 @@ impl Mirror {
                         tracing::debug!(error = %message, retry_in = ?pause, "registry mirror: push failed again");
                     }
                     self.set_state(|s| {
-                        s.state = if auth { "unauthorized" } else { "retrying" };
+                        s.state = if auth {
+                            MirrorState::Unauthorized
+                        } else {
+                            MirrorState::Retrying
+                        };
                         s.last_error = Some(message);
                     });
                     Some(pause)
@@ -296,19 +318,23 @@ impl Mirror {
             .await?
             .into_iter()
             .filter(|version| self.wanted(version))
-            .map(|v| version_status(&v, String::new(), "invalid"))
+            .map(|v| version_status(&v, String::new(), MirrorVersionState::Invalid))
             .collect();
         self.set_state(|s| {
             s.pending = pending
                 .iter()
                 .map(|v| {
-                    let state = if v.attempts > 0 { "failed" } else { "pending" };
+                    let state = if v.attempts > 0 {
+                        MirrorVersionState::Failed
+                    } else {
+                        MirrorVersionState::Pending
+                    };
                     version_status(v, self.repository(&v.id).unwrap_or_default(), state)
                 })
                 .collect();
             s.invalid = invalid;
             if !pending.is_empty() {
-                s.state = "pushing";
+                s.state = MirrorState::Pushing;
             }
         });
         let mut logs: BTreeMap<(PublicKey, String), Vec<QueuedVersion>> = BTreeMap::new();
@@ -346,7 +372,7 @@ impl Mirror {
                     s.invalid.push(MirrorVersionStatus {
                         reason: Some(reason.clone()),
                         attempts: 1,
-                        ..version_status(version, String::new(), "invalid")
+                        ..version_status(version, String::new(), MirrorVersionState::Invalid)
                     });
                 });
                 self.update_queue_gauge();
@@ -354,7 +380,7 @@ impl Mirror {
                 return Ok(());
             }
         };
-        self.set_state(|s| mark(&mut s.pending, id, "pushing", None));
+        self.set_state(|s| mark(&mut s.pending, id, MirrorVersionState::Pushing, None));
         match self.push(version, &repository).await {
             Ok(digest) => {
                 self.inner.queue.pushed(id, &repository, &digest).await?;
@@ -377,7 +403,7 @@ impl Mirror {
                     s.pushed += 1;
                     s.recent.push_front(MirrorVersionStatus {
                         reason: None,
-                        ..version_status(version, repository.clone(), "pushed")
+                        ..version_status(version, repository.clone(), MirrorVersionState::Pushed)
                     });
                     s.recent.truncate(RECENT_PUSHES);
                 });
@@ -394,7 +420,9 @@ impl Mirror {
                 if let Err(state) = self.inner.queue.failed(id, &repository, &reason).await {
                     tracing::warn!(%state, "cannot record a failed push");
                 }
-                self.set_state(|s| mark(&mut s.pending, id, "failed", Some(reason)));
+                self.set_state(|s| {
+                    mark(&mut s.pending, id, MirrorVersionState::Failed, Some(reason))
+                });
                 Err(err)
             }
         }
@@ -758,9 +786,14 @@ fn same(status: &MirrorVersionStatus, id: &VersionId) -> bool {
         && status.author == id.author.to_hex()
 }
 
-fn mark(versions: &mut [MirrorVersionStatus], id: &VersionId, state: &str, reason: Option<String>) {
+fn mark(
+    versions: &mut [MirrorVersionStatus],
+    id: &VersionId,
+    state: MirrorVersionState,
+    reason: Option<String>,
+) {
     if let Some(status) = versions.iter_mut().find(|v| same(v, id)) {
-        status.state = state.into();
+        status.state = state;
         if reason.is_some() {
             status.attempts += 1;
             status.reason = reason;

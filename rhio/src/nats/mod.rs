@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{NatsAuth, NatsConfig};
 
 /// What status reports about the NATS connection (defined with the status document).
-pub use rhio_core::api::status::NatsStatus;
+pub use rhio_core::api::status::{NatsState, NatsStatus};
 
 /// Subject of the status request/reply service.
 pub use rhio_core::api::STATUS_SUBJECT;
@@ -87,11 +87,10 @@ impl NatsConnection {
             endpoint: self.endpoint.clone(),
             connected: state == State::Connected,
             state: match state {
-                State::Connected => "connected",
-                State::Disconnected => "disconnected",
-                State::Pending => "pending",
-            }
-            .into(),
+                State::Connected => NatsState::Connected,
+                State::Disconnected => NatsState::Disconnected,
+                State::Pending => NatsState::Pending,
+            },
         }
     }
 

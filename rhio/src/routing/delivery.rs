@@ -130,7 +130,8 @@ impl Delivery {
             if let Err(err) = result {
                 self.metrics.routing_errors.inc();
                 if matches!(err, DeliveryError::Stream(_) | DeliveryError::Publish(_)) {
-                    self.states.report_role("subscribe", Err(&err.to_string()));
+                    self.states
+                        .report_role(super::StreamRole::Subscribe, Err(&err.to_string()));
                 }
                 tracing::warn!(%err, "delivery into JetStream paused; retrying");
             }
@@ -159,11 +160,13 @@ impl Delivery {
     async fn deliver(&self) -> Result<(), DeliveryError> {
         for (stream, subjects) in &self.routes.subscribe_streams {
             match ensure_stream(&self.js, stream, subjects, self.create_streams).await {
-                Ok(_) => self.states.report("subscribe", stream, Ok(())),
+                Ok(_) => self
+                    .states
+                    .report(super::StreamRole::Subscribe, stream, Ok(())),
                 Err(err @ StreamError::Uncaptured { .. }) => {
                     tracing::warn!(%err, "messages on the missing subjects become dead letters");
                     self.states
-                        .report("subscribe", stream, Err(&err.to_string()));
+                        .report(super::StreamRole::Subscribe, stream, Err(&err.to_string()));
                 }
                 Err(err) => return Err(err.into()),
             }

@@ -23,13 +23,13 @@ pub use crate::policy::Routes;
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
 
 /// What status reports about one configured stream.
-pub use rhio_core::api::status::StreamStatus;
+pub use rhio_core::api::status::{StreamRole, StreamStatus};
 
 /// The configured streams and whether routing through each one runs; shared by the routing
 /// tasks (which report) and status (which reads).
 #[derive(Debug, Clone, Default)]
 pub struct StreamStates {
-    streams: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), StreamStatus>>>,
+    streams: std::sync::Arc<std::sync::Mutex<BTreeMap<(StreamRole, String), StreamStatus>>>,
 }
 
 impl StreamStates {
@@ -40,19 +40,19 @@ impl StreamStates {
             let entries = config
                 .publish
                 .iter()
-                .map(|p| ("publish", &p.stream, &p.subjects))
+                .map(|p| (StreamRole::Publish, &p.stream, &p.subjects))
                 .chain(
                     config
                         .subscribe
                         .iter()
-                        .map(|s| ("subscribe", &s.stream, &s.subjects)),
+                        .map(|s| (StreamRole::Subscribe, &s.stream, &s.subjects)),
                 );
             for (role, name, subjects) in entries {
                 let status = streams
-                    .entry((role.to_string(), name.clone()))
+                    .entry((role, name.clone()))
                     .or_insert_with(|| StreamStatus {
                         name: name.clone(),
-                        role: role.into(),
+                        role,
                         subjects: Vec::new(),
                         active: false,
                         error: Some("not started yet".into()),
@@ -63,19 +63,19 @@ impl StreamStates {
         states
     }
 
-    pub(crate) fn report(&self, role: &str, name: &str, result: Result<(), &str>) {
+    pub(crate) fn report(&self, role: StreamRole, name: &str, result: Result<(), &str>) {
         let mut streams = self.streams.lock().expect("stream states lock");
-        if let Some(status) = streams.get_mut(&(role.to_string(), name.to_string())) {
+        if let Some(status) = streams.get_mut(&(role, name.to_string())) {
             status.active = result.is_ok();
             status.error = result.err().map(str::to_string);
         }
     }
 
     /// Reports the same result for every stream of `role`.
-    pub(crate) fn report_role(&self, role: &str, result: Result<(), &str>) {
+    pub(crate) fn report_role(&self, role: StreamRole, result: Result<(), &str>) {
         let mut streams = self.streams.lock().expect("stream states lock");
         for ((r, _), status) in streams.iter_mut() {
-            if r == role {
+            if *r == role {
                 status.active = result.is_ok();
                 status.error = result.err().map(str::to_string);
             }

@@ -92,7 +92,8 @@ impl Publisher {
             };
             if let Err(err) = result {
                 self.metrics.routing_errors.inc();
-                self.states.report("publish", &stream, Err(&err));
+                self.states
+                    .report(super::StreamRole::Publish, &stream, Err(&err));
                 tracing::warn!(stream, %err, "publishing paused; retrying");
             }
             tokio::select! {
@@ -144,7 +145,8 @@ impl Publisher {
             .await
             .map_err(|err| format!("cannot read stream: {err}"))?;
         tracing::info!(stream = %self.route.stream, subjects = ?self.route.subjects, "publishing messages");
-        self.states.report("publish", &self.route.stream, Ok(()));
+        self.states
+            .report(super::StreamRole::Publish, &self.route.stream, Ok(()));
         let mut batches = messages.ready_chunks(BATCH);
         while let Some(batch) = batches.next().await {
             let mut messages = Vec::with_capacity(batch.len());
