@@ -76,16 +76,14 @@ fn version_status(
     repository: String,
     state: MirrorVersionState,
 ) -> MirrorVersionStatus {
-    {
-        MirrorVersionStatus {
-            dataset: version.id.dataset.clone(),
-            version: version.id.version,
-            author: version.id.author.to_hex(),
-            repository,
-            state,
-            reason: version.reason.clone(),
-            attempts: version.attempts,
-        }
+    MirrorVersionStatus {
+        dataset: version.id.dataset.clone(),
+        version: version.id.version,
+        author: version.id.author.to_hex(),
+        repository,
+        state,
+        reason: version.reason.clone(),
+        attempts: version.attempts,
     }
 }
 
